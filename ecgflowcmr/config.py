@@ -1,0 +1,346 @@
+"""Experiment configuration: dataclasses <-> YAML, dotted overrides, validation.
+
+One YAML per experiment (``configs/demo.yaml``, ``configs/ukb.yaml``) with run-level keys
+(``name``, ``run_dir``, ``device``, ``seed``) and one section per stage. Every script does::
+
+    cfg = load_config("configs/demo.yaml", ["flow.lr=2e-4", "device=cpu"])
+
+An unknown key, a value of the wrong type, or an impossible value raises ``ConfigError``
+naming the dotted key. ``cfg.to_dict()`` is a plain-Python dict, safe to store in
+checkpoints (``torch.load(..., weights_only=True)``) and written beside each stage's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or an impossible value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections. Fields are grouped: what the data/model is, then how it is trained.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainLoop:
+    """Optimisation knobs shared by the three training stages."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0          # max global grad norm; <= 0 disables clipping
+    amp: bool = True                # bf16 autocast, CUDA only (ignored on CPU)
+    num_workers: int = 0            # DataLoader workers
+    log_every: int = 20             # steps between log lines
+    val_every: int = 1              # epochs between validations
+    max_steps: int = 0              # > 0: stop after this many optimiser steps (smoke runs)
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                  # prepared dataset folder; "" -> <run_dir>/data
+    manifest: str = ""              # manifest CSV for prepare_data.py; "" -> <phantom_dir>/manifest.csv
+    phantom_dir: str = ""           # where the phantom is generated; "" -> <run_dir>/phantom
+    phantom_n: int = 128            # subjects generated when the phantom is missing
+    phantom_seed: int = 0
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
+    split_seed: int = 0
+    num_frames: int = 50            # cine frames per R-R cycle (contract: 50)
+    image_size: int = 96            # cine H = W (contract: 96)
+    ecg_fs: int = 500               # Hz (contract: 500)
+    ecg_seconds: float = 10.0       # (contract: 10 s -> 5000 samples)
+    ecg_length_tolerance_s: float = 0.5  # records within this of 10 s are cropped/padded; else refused
+    workers: int = 2                # processes for phantom generation / preparation
+
+
+@dataclass
+class ECGConfig(TrainLoop):
+    """Stage 1, PA-MAE."""
+
+    width: int = 128                # feature width of the encoder (768 in ukb.yaml)
+    depth: int = 4                  # transformer blocks after the conv stem
+    heads: int = 4
+    decoder_depth: int = 2
+    mask_ratio: float = 0.5         # fraction of the 625 encoded positions zeroed
+    phase_weight: float = 1.0       # lambda in L_rec + lambda * L_phase
+    cycle_mode: str = "median"      # median | ensemble
+    num_tokens: int = 50            # aligned tokens per R-R cycle (= cine frames)
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    batch_size: int = 32
+
+
+@dataclass
+class VAEConfig(TrainLoop):
+    """Stage 2, anisotropic 3D-VAE: 8x spatial, 1x temporal compression."""
+
+    latent_channels: int = 4
+    base_channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 3 downsamples -> 8x
+    num_res_blocks: int = 1
+    attention: bool = True          # self-attention at the bottleneck
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0  # > 0 needs LPIPS weights in eval.weights_dir
+    disc_weight: float = 0.5
+    disc_start: int = 1000          # optimiser steps before the PatchGAN switches on
+    disc_lr: float = 1e-4
+    lr: float = 2e-4
+    batch_size: int = 4
+
+
+@dataclass
+class FlowConfig(TrainLoop):
+    """Stage 3, Anatomy-Motion Disentangled Flow (DiT over VAE latents)."""
+
+    hidden: int = 128               # 512 in ukb.yaml
+    depth: int = 4                  # 8 in ukb.yaml
+    heads: int = 4                  # 8 in ukb.yaml
+    patch_size: int = 1             # spatial patch size over the 12x12 latent: 1 or 2
+    mlp_ratio: float = 4.0
+    alpha: float = 1.0              # z0 = template + alpha * eps
+    use_template: bool = True       # False: z0 = eps (ablation "without template anchor")
+    t_sampling: str = "uniform"     # uniform | logit_normal
+    cfg_drop: float = 0.1           # probability of replacing the ECG tokens by the null condition
+    ema_decay: float = 0.999
+    ecg_finetune: bool = False      # fine-tune the stage-1 encoder (else frozen)
+    ecg_lr: float = 1e-5            # lr of the encoder when fine-tuned
+    sample_every: int = 0           # epochs between sample previews (0: never)
+    lr: float = 2e-4
+    batch_size: int = 16
+
+
+@dataclass
+class InferConfig:
+    """Stage 4, ECG-only generation."""
+
+    sampler: str = "euler"          # euler | heun | midpoint
+    steps: int = 10
+    guidance: float = 1.0           # classifier-free guidance scale (1 = conditional only)
+    num_samples: int = 1            # variations per ECG
+    seed: int = 0
+    batch_size: int = 8
+    checkpoint: str = ""            # "" -> <run_dir>/flow/best.pt
+    out_dir: str = ""               # "" -> <run_dir>/samples
+    previews: bool = True
+
+
+@dataclass
+class EvalConfig:
+    weights_dir: str = ""           # "" -> torch hub checkpoint folder
+    fid_variant: str = "standard"   # standard (TF-ported Inception) | paper (torchvision IMAGENET1K_V1)
+    fvd_variant: str = "standard"   # standard (StyleGAN-V I3D) | paper (VideoGPT i3d_pretrained_400)
+    bootstrap: int = 0              # bootstrap resamples for confidence intervals (0: none)
+    batch_size: int = 16
+    out_dir: str = ""               # "" -> <run_dir>/eval
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    run_dir: str = ""               # "" -> runs/<name>
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    ecg: ECGConfig = field(default_factory=ECGConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # -- derived paths (one place decides where things live) ---------------------------------
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or os.path.join("runs", self.name))
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.data.root) if self.data.root else self.run_path / "data"
+
+    @property
+    def phantom_path(self) -> Path:
+        return Path(self.data.phantom_dir) if self.data.phantom_dir else self.run_path / "phantom"
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.data.manifest) if self.data.manifest else self.phantom_path / "manifest.csv"
+
+    def stage_dir(self, stage: str) -> Path:
+        """``runs/<exp>/<stage>`` for stage in ecg, vae, latents, flow, samples, eval."""
+        return self.run_path / stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, type checking
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` coerced to ``annotation`` (int -> float allowed), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        (item_type,) = typing.get_args(annotation)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} is not of type {annotation}")
+    if annotation is Any:
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(
+            f"config key '{key}': expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _fill(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set dataclass ``obj`` fields from ``values`` recursively, checking keys and types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = prefix + key
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {close})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _fill(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _check_type(dotted, value, hints[key]))
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["flow.lr=2e-4", "device=cpu"]`` -> nested dict with YAML-parsed values."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def config_from_dict(values: dict) -> Config:
+    cfg = Config()
+    _fill(cfg, values)
+    return cfg.validate()
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment file, apply dotted overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found")
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        try:
+            _fill(cfg, values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if overrides:
+        _fill(cfg, parse_overrides(overrides))
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _validate(cfg: Config) -> None:
+    d, e, v, fl, inf, ev = cfg.data, cfg.ecg, cfg.vae, cfg.flow, cfg.infer, cfg.eval
+    _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+             "device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    _require(len(d.split_fractions) == 3 and all(x >= 0 for x in d.split_fractions)
+             and abs(sum(d.split_fractions) - 1) < 1e-6,
+             "data.split_fractions", "must be three non-negative numbers summing to 1")
+    _require(d.num_frames == 50, "data.num_frames", "the cine contract is 50 frames per R-R cycle")
+    _require(d.image_size == 96, "data.image_size", "the cine contract is 96 x 96")
+    _require(d.ecg_fs == 500, "data.ecg_fs", "the ECG contract is 500 Hz")
+    _require(d.ecg_seconds == 10.0, "data.ecg_seconds", "the ECG contract is 10 s")
+    _require(d.phantom_n >= 1, "data.phantom_n", "must be >= 1")
+    _require(d.ecg_length_tolerance_s >= 0, "data.ecg_length_tolerance_s", "must be >= 0")
+    for sec_name in ("ecg", "vae", "flow"):
+        sec = getattr(cfg, sec_name)
+        for key in ("epochs", "batch_size"):
+            _require(getattr(sec, key) >= 1, f"{sec_name}.{key}", "must be >= 1")
+        _require(sec.lr > 0, f"{sec_name}.lr", "must be > 0")
+        _require(sec.warmup_steps >= 0, f"{sec_name}.warmup_steps", "must be >= 0")
+        _require(sec.max_steps >= 0, f"{sec_name}.max_steps", "must be >= 0")
+    _require(0 <= e.mask_ratio < 1, "ecg.mask_ratio", "must be in [0, 1)")
+    _require(e.width % e.heads == 0, "ecg.width", f"must be divisible by ecg.heads={e.heads}")
+    _require(e.cycle_mode in ("median", "ensemble"), "ecg.cycle_mode", "must be median or ensemble")
+    _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
+    _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
+    _require(len(v.channel_mult) == 4, "vae.channel_mult",
+             "needs 4 levels (3 downsamplings = 8x spatial compression)")
+    _require(v.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
+    _require(v.kl_weight >= 0 and v.perceptual_weight >= 0 and v.disc_weight >= 0,
+             "vae.kl_weight", "loss weights must be >= 0")
+    _require(fl.patch_size in (1, 2), "flow.patch_size", "must be 1 or 2 (latent is 12 x 12)")
+    _require(fl.hidden % fl.heads == 0, "flow.hidden", f"must be divisible by flow.heads={fl.heads}")
+    _require(fl.alpha >= 0, "flow.alpha", "must be >= 0")
+    _require(0 <= fl.cfg_drop < 1, "flow.cfg_drop", "must be in [0, 1)")
+    _require(0 <= fl.ema_decay < 1, "flow.ema_decay", "must be in [0, 1)")
+    _require(fl.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling",
+             "must be uniform or logit_normal")
+    _require(inf.sampler in ("euler", "heun", "midpoint"), "infer.sampler",
+             "must be euler, heun or midpoint")
+    _require(inf.steps >= 1, "infer.steps", "must be >= 1")
+    _require(inf.guidance >= 0, "infer.guidance", "must be >= 0")
+    _require(inf.num_samples >= 1, "infer.num_samples", "must be >= 1")
+    _require(ev.fid_variant in ("standard", "paper"), "eval.fid_variant", "must be standard or paper")
+    _require(ev.fvd_variant in ("standard", "paper"), "eval.fvd_variant", "must be standard or paper")
+    _require(ev.bootstrap >= 0, "eval.bootstrap", "must be >= 0")

@@ -1,0 +1,1 @@
+"""Training-loop foundation shared by every stage: devices, seeds, checkpoints, DDP, logging."""

@@ -1,0 +1,102 @@
+"""DistributedDataParallel helpers: one training loop for 1..N processes (``torchrun``).
+
+Under ``torchrun --nproc_per_node N`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK;
+without it every helper degrades to the single-process case, so the same code path runs on a
+laptop CPU and on a GPU box.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device: torch.device | None = None) -> bool:
+    """Initialise the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or is_distributed():
+        return is_distributed()
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device, **kwargs) -> torch.nn.Module:
+    """Wrap in DDP when distributed; otherwise return the model unchanged."""
+    if not is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
+    """Average a scalar over ranks (identity when not distributed)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= world_size()
+    return float(tensor)
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0,
+                num_workers: int = 0, drop_last: bool | None = None) -> DataLoader:
+    """DataLoader with a DistributedSampler when distributed (call ``set_epoch`` via ``set_loader_epoch``).
+
+    ``batch_size`` is per process. Training loaders shuffle with a seeded generator so a resumed
+    run sees the same order.
+    """
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    if drop_last is None:
+        drop_last = train and len(dataset) >= batch_size * world_size()
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0) -> None:
+    """Make epoch ``epoch``'s shuffle depend only on (seed, epoch), for exact resume."""
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
+        sampler.generator.manual_seed(seed * 100003 + epoch)
