@@ -75,7 +75,7 @@ class ECGConfig(TrainLoop):
     decoder_depth: int = 2
     mask_ratio: float = 0.5         # fraction of the 625 encoded positions zeroed
     phase_weight: float = 1.0       # lambda in L_rec + lambda * L_phase
-    cycle_mode: str = "median"      # median | ensemble
+    cycle_mode: str = "median"      # median | ensemble | window (ablation: fixed centre window, no cycles)
     num_tokens: int = 50            # aligned tokens per R-R cycle (= cine frames)
     lr: float = 3e-4
     weight_decay: float = 0.05
@@ -321,7 +321,8 @@ def _validate(cfg: Config) -> None:
         _require(sec.max_steps >= 0, f"{sec_name}.max_steps", "must be >= 0")
     _require(0 <= e.mask_ratio < 1, "ecg.mask_ratio", "must be in [0, 1)")
     _require(e.width % e.heads == 0, "ecg.width", f"must be divisible by ecg.heads={e.heads}")
-    _require(e.cycle_mode in ("median", "ensemble"), "ecg.cycle_mode", "must be median or ensemble")
+    _require(e.cycle_mode in ("median", "ensemble", "window"), "ecg.cycle_mode",
+             "must be median, ensemble or window")
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
     _require(len(v.channel_mult) == 4, "vae.channel_mult",
