@@ -10,6 +10,9 @@ Folder layout (the contract between preparation and stages 1-3)::
     <root>/splits.json    {"train": [subject_id, ...], "val": [...], "test": [...]}
     <root>/qc_report.csv  subject_id, file, reason for every rejected record
     <root>/meta.json      {"n": N, "ecg_fs": 500, "num_frames": 50, "image_size": 96, "complete": true}
+    <root>/qc_warnings.csv  subject_id, warning (kept records that needed a repair, e.g. derived leads)
+    <root>/provenance.csv   index, subject_id, manifest_row, source files, crop box, R-peak count/HR
+    <root>/config.yaml      the resolved config of the prepare_data.py run
 
 Arrays are opened with ``np.load(mmap_mode="r")``: nothing reads the whole dataset into RAM.
 """
