@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 export OMP_NUM_THREADS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test phantom prepare ecg vae flow infer eval clean-demo
+.PHONY: venv demo test prepare clean-demo
 
 venv: $(VENV)/.installed
 
@@ -21,9 +21,18 @@ test: venv
 	$(PY) -m pytest -q tests
 
 # The whole pipeline on CPU with the phantom; re-running resumes / skips finished work.
-demo: venv prepare
+demo: venv
+	@echo "== prepare: phantom + prepared dataset" && $(PY) prepare_data.py --config $(CONFIG)
+	@echo "== stage 1: PA-MAE" && $(PY) train_ecg.py --config $(CONFIG)
+	@echo "== stage 2: 3D-VAE + latents + template" && $(PY) train_disentangle_vae3d.py --config $(CONFIG)
+	@echo "== stage 3: flow" && $(PY) train_flow.py --config $(CONFIG)
+	@echo "== stage 4: generate the phantom test split" && $(PY) infer_flow.py --config $(CONFIG) --ecg split:test
+	@echo "== stage 4: generate from the five real PTB-XL ECGs" && \
+	  $(PY) infer_flow.py --config $(CONFIG) --ecg examples/ecg --out runs/demo/samples_ptbxl
+	@echo "== evaluation" && $(PY) evaluation.py --config $(CONFIG) --real split:test --fake runs/demo/samples
+	@echo "== done: see runs/demo/eval/report.md and runs/demo/samples/previews/"
 
-phantom prepare: venv
+prepare: venv
 	$(PY) prepare_data.py --config $(CONFIG)
 
 clean-demo:
