@@ -89,13 +89,21 @@ class VAEConfig(TrainLoop):
     latent_channels: int = 4
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 3 downsamples -> 8x
+    patch_size: int = 1             # pixel-unshuffle p x p before level 0: p * 2**(levels-1) must be 8
     num_res_blocks: int = 1
-    attention: bool = True          # self-attention at the bottleneck
-    kl_weight: float = 1e-6
+    attention: bool = True          # factorised (spatial, then temporal) self-attention at the bottleneck
+    time_kernel: list[int] = field(default_factory=lambda: [3, 3, 3, 3])  # temporal conv size per level
+    time_padding: str = "circular"  # circular (the cine is one R-R cycle) | replicate | zeros
+    kl_weight: float = 1e-6         # on the KL summed over latents, per pixel (SD's sum-loss ratio)
     perceptual_weight: float = 0.0  # > 0 needs LPIPS weights in eval.weights_dir
+    perceptual_frames: int = 0      # LPIPS on this many random frames per video (0: all frames)
     disc_weight: float = 0.5
     disc_start: int = 1000          # optimiser steps before the PatchGAN switches on
     disc_lr: float = 1e-4
+    disc_channels: int = 64         # PatchGAN width (first layer)
+    disc_layers: int = 3            # PatchGAN stride-2 (spatial) layers
+    clip_frames: int = 0            # train on random cyclic clips of this many frames (0: whole cycle)
+    ckpt_every: int = 0             # steps between mid-epoch last.pt saves (0: at epoch ends only)
     lr: float = 2e-4
     batch_size: int = 4
 
@@ -109,14 +117,15 @@ class FlowConfig(TrainLoop):
     heads: int = 4                  # 8 in ukb.yaml
     patch_size: int = 1             # spatial patch size over the 12x12 latent: 1 or 2
     mlp_ratio: float = 4.0
-    alpha: float = 1.0              # z0 = template + alpha * eps
+    alpha: float = 1.0              # z0 = template + alpha * eps (in per-channel normalised latent units)
     use_template: bool = True       # False: z0 = eps (ablation "without template anchor")
     t_sampling: str = "uniform"     # uniform | logit_normal
     cfg_drop: float = 0.1           # probability of replacing the ECG tokens by the null condition
     ema_decay: float = 0.999
     ecg_finetune: bool = False      # fine-tune the stage-1 encoder (else frozen)
     ecg_lr: float = 1e-5            # lr of the encoder when fine-tuned
-    sample_every: int = 0           # epochs between sample previews (0: never)
+    sample_every: int = 0           # epochs between sample previews of 2 val subjects (0: never; the
+                                    # last epoch always previews when > 0): runs/<exp>/flow/previews/
     lr: float = 2e-4
     batch_size: int = 16
 
@@ -325,13 +334,35 @@ def _validate(cfg: Config) -> None:
              "must be median, ensemble or window")
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
-    _require(len(v.channel_mult) == 4, "vae.channel_mult",
-             "needs 4 levels (3 downsamplings = 8x spatial compression)")
+    _require(v.patch_size in (1, 2, 4, 8) and v.patch_size * 2 ** (len(v.channel_mult) - 1) == 8,
+             "vae.channel_mult", "needs patch_size * 2**(levels - 1) = 8 (8x spatial compression): "
+             "4 levels with vae.patch_size=1, 3 levels with patch_size=2")
     _require(v.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
+    _require(v.base_channels >= 1 and all(m >= 1 for m in v.channel_mult), "vae.base_channels",
+             "base_channels and channel_mult entries must be >= 1")
+    _require(v.num_res_blocks >= 1, "vae.num_res_blocks", "must be >= 1")
+    _require(len(v.time_kernel) == len(v.channel_mult) and all(k >= 1 and k % 2 == 1 for k in v.time_kernel),
+             "vae.time_kernel", "needs one odd temporal kernel size (1, 3, ...) per level of channel_mult")
+    _require(v.time_padding in ("circular", "replicate", "zeros"), "vae.time_padding",
+             "must be circular, replicate or zeros")
+    _require(v.perceptual_frames >= 0, "vae.perceptual_frames", "must be >= 0 (0: all frames)")
+    _require(0 <= v.clip_frames <= d.num_frames, "vae.clip_frames",
+             f"must be in [0, data.num_frames={d.num_frames}] (0: whole cycle)")
+    _require(v.disc_start >= 0, "vae.disc_start", "must be >= 0")
+    _require(v.ckpt_every >= 0, "vae.ckpt_every", "must be >= 0 (0: save at epoch ends only)")
+    _require(v.disc_lr > 0, "vae.disc_lr", "must be > 0")
+    _require(v.disc_channels >= 1 and v.disc_layers >= 1, "vae.disc_channels",
+             "disc_channels and disc_layers must be >= 1")
     _require(v.kl_weight >= 0 and v.perceptual_weight >= 0 and v.disc_weight >= 0,
              "vae.kl_weight", "loss weights must be >= 0")
     _require(fl.patch_size in (1, 2), "flow.patch_size", "must be 1 or 2 (latent is 12 x 12)")
     _require(fl.hidden % fl.heads == 0, "flow.hidden", f"must be divisible by flow.heads={fl.heads}")
+    _require(fl.hidden % 4 == 0, "flow.hidden", "must be divisible by 4 (2-D sin-cos positional embedding)")
+    _require(fl.depth >= 1 and fl.heads >= 1, "flow.depth", "depth and heads must be >= 1")
+    _require(fl.mlp_ratio > 0, "flow.mlp_ratio", "must be > 0")
+    _require(fl.ecg_lr > 0, "flow.ecg_lr", "must be > 0")
+    _require(fl.sample_every >= 0, "flow.sample_every", "must be >= 0 (0: no previews)")
+    _require(inf.batch_size >= 1, "infer.batch_size", "must be >= 1")
     _require(fl.alpha >= 0, "flow.alpha", "must be >= 0")
     _require(0 <= fl.cfg_drop < 1, "flow.cfg_drop", "must be in [0, 1)")
     _require(0 <= fl.ema_decay < 1, "flow.ema_decay", "must be in [0, 1)")

@@ -10,11 +10,15 @@ Everything is batched: ``(B, L)`` tensors, padding masks, no Python loop over re
 
 Wrap detection (robust to a noisy prediction)
     1. unwrap: psi = phase[0] mod 2pi + cumsum(wrap_to_pi(diff(phase)));
-    2. make it monotone with a running maximum (cummax), so a prediction that dithers around a
-       wrap (6.2, 0.05, 6.25, 0.1, ...) crosses each multiple of 2*pi once (hysteresis for free);
+    2. make it monotone: the mean of its running maximum from the left and running minimum from
+       the right, so a prediction that dithers around a wrap (6.2, 0.05, 6.25, 0.1, ...) crosses
+       each multiple of 2*pi once (hysteresis), in the middle of the dithering, not at its edge;
     3. a wrap is a crossing of 2*pi*k; its time is the sub-sample linear interpolation of the
        crossing (so a phase that is exactly 0 at sample r gives the wrap at r exactly);
-    4. wraps closer than ``min_rr_s`` (default 0.25 s, 240 bpm) to the previous detected wrap are
+    4. wraps within ``edge_s`` (default 0.1 s) of either end of the record are dropped: there the
+       model sees only one side of the beat and the labels it learnt from were extrapolated, and a
+       spurious wrap there would make a short first/last "cycle";
+    5. wraps closer than ``min_rr_s`` (default 0.25 s, 240 bpm) to the previous detected wrap are
        dropped.
 
 Cycle choice (``mode``)
@@ -46,6 +50,8 @@ import torch
 TWO_PI = 2.0 * math.pi
 MODES = ("median", "ensemble", "window")
 ENSEMBLE_TOLERANCE = 0.3     # ensemble keeps cycles with |RR - median RR| <= 30% of the median
+EDGE_S = 0.1                 # no wrap (R-peak) within this many seconds of the record ends
+MIN_RR_S = 0.25              # wraps closer than this to the previous one are dropped (240 bpm)
 
 
 @dataclass
@@ -89,12 +95,20 @@ def _check_phase(phase: torch.Tensor) -> None:
 
 
 def unwrap_monotone(phase: torch.Tensor) -> torch.Tensor:
-    """(B, L) phase (any 2*pi range) -> (B, L) non-decreasing unwrapped phase, starting in [0, 2pi)."""
+    """(B, L) phase (any 2*pi range) -> (B, L) non-decreasing unwrapped phase.
+
+    The raw unwrapped phase psi (starting in [0, 2pi)) is squeezed between its running maximum
+    (which crosses a level at the *first* time psi does) and its running minimum from the right
+    (the *last* time); their mean is non-decreasing and crosses each level once, in the middle of a
+    noisy crossing rather than at its early edge.
+    """
     _check_phase(phase)
     phase = phase.detach().to(torch.float64)
     step = torch.remainder(phase.diff(dim=1) + math.pi, TWO_PI) - math.pi     # wrap to [-pi, pi)
     psi = torch.cat([torch.remainder(phase[:, :1], TWO_PI), step], dim=1).cumsum(dim=1)
-    return psi.cummax(dim=1).values
+    upper = psi.cummax(dim=1).values
+    lower = psi.flip(1).cummin(dim=1).values.flip(1)
+    return 0.5 * (upper + lower)
 
 
 def _compact(event: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,12 +122,17 @@ def _compact(event: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, t
     return packed[:, :k], valid
 
 
-def find_wraps(phase: torch.Tensor, fs: float = 500.0, min_rr_s: float = 0.25) -> Wraps:
+def find_wraps(phase: torch.Tensor, fs: float = 500.0, min_rr_s: float = MIN_RR_S,
+               edge_s: float = EDGE_S) -> Wraps:
     """R-peaks as the phase wraps of each record (see the module docstring)."""
     psi = unwrap_monotone(phase)
     turns = torch.floor(psi / TWO_PI)
     event = torch.zeros_like(psi, dtype=torch.bool)
     event[:, 1:] = turns[:, 1:] > turns[:, :-1]
+    edge = int(round(edge_s * fs))
+    if edge > 0:
+        event[:, : edge + 1] = False
+        event[:, psi.shape[1] - edge:] = False
     # sub-sample crossing time of 2*pi*k between samples t-1 and t
     level = TWO_PI * turns
     prev = torch.cat([psi[:, :1], psi[:, :-1]], dim=1)
@@ -151,8 +170,8 @@ def window_times(batch: int, length: int, num_tokens: int, fs: float = 500.0, wi
 
 
 def select_cycles(phase: torch.Tensor | None, mode: str = "median", num_tokens: int = 50,
-                  fs: float = 500.0, min_rr_s: float = 0.25, window_s: float = 1.0,
-                  length: int | None = None, batch: int | None = None) -> CycleSelection:
+                  fs: float = 500.0, min_rr_s: float = MIN_RR_S, window_s: float = 1.0,
+                  length: int | None = None, batch: int | None = None, edge_s: float = EDGE_S) -> CycleSelection:
     """Choose the cycle(s) of each record and the times of their ``num_tokens`` phase positions.
 
     ``phase`` (B, L) in radians (ignored, may be None, in ``window`` mode: then give length/batch).
@@ -173,14 +192,15 @@ def select_cycles(phase: torch.Tensor | None, mode: str = "median", num_tokens: 
         return CycleSelection(win_times, torch.ones(batch, 1, dtype=torch.float64, device=device),
                               win_start, win_end, torch.zeros(batch, dtype=torch.bool, device=device))
 
-    wraps = find_wraps(phase, fs, min_rr_s)
+    wraps = find_wraps(phase, fs, min_rr_s, edge_s)
     psi = wraps.psi
     if wraps.times.shape[1] < 2:        # nobody has a complete cycle
         return CycleSelection(win_times, torch.ones(batch, 1, dtype=torch.float64, device=device),
                               win_start, win_end, torch.ones(batch, dtype=torch.bool, device=device), wraps)
     starts, ends = wraps.times[:, :-1], wraps.times[:, 1:]
     complete = wraps.valid[:, :-1] & wraps.valid[:, 1:]                      # (B, J)
-    rr = torch.where(complete, ends - starts, torch.full_like(starts, float("nan")))
+    # lengths compared at 1/100 sample, so float noise does not break ties between equal cycles
+    rr = torch.where(complete, torch.round((ends - starts) * 100) / 100, torch.full_like(starts, float("nan")))
     median_rr = torch.nanmedian(rr, dim=1).values                             # NaN if no cycle
     distance = torch.where(complete, (rr - median_rr[:, None]).abs(), torch.full_like(rr, float("inf")))
     chosen = distance.argmin(dim=1)                                           # (B,)

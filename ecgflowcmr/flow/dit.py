@@ -21,6 +21,11 @@ Layout (one clear module, in the spirit of facebookresearch/DiT ``models.py``):
        can find "its" ECG token ``t`` (the tokens are phase-aligned to the 50 frames).
     4. MLP.
   All attention goes through ``F.scaled_dot_product_attention``.
+* **Frame-aligned ECG embedding**: the 50 ECG tokens are phase-aligned to the 50 frames (stage 1
+  resamples one R-R cycle onto the frame grid), so token ``t`` is also projected and added to every
+  latent token of frame ``t`` at the input. This is a cheap, strong prior (the motion of frame t
+  is driven by the ECG at that phase); cross-attention still lets any frame read the whole cycle.
+  Used when the number of ECG tokens equals the number of frames.
 * **Global condition**: ``c = TimestepEmbedder(t) + MLP(pooled ECG)``.
 * **Final layer**: adaLN (shift, scale) + linear to ``p*p*C``, zero-initialised, then unpatchify.
 * **Null condition** (classifier-free guidance): learned ``null_tokens (S, E)`` and
@@ -68,14 +73,19 @@ def sincos_3d(dim: int, t: int, h: int, w: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B, D)`` -> broadcastable against ``like (B, ..., D)``."""
+    return v.view((like.shape[0],) + (1,) * (like.dim() - 2) + (like.shape[-1],))
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: ``x (B, ..., D)`` with per-sample ``shift, scale (B, D)``."""
-    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    return x * (1 + scale.view(view)) + shift.view(view)
+    """adaLN: ``x * (1 + scale) + shift`` with per-sample ``shift, scale (B, D)`` (one fused op)."""
+    return torch.addcmul(_per_sample(shift, x), x, _per_sample(1 + scale, x))
 
 
-def gated(gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return gate.view((x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)) * x
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + gate * branch`` with a per-sample ``gate (B, D)`` (one fused op)."""
+    return torch.addcmul(x, _per_sample(gate, branch), branch)
 
 
 class TimestepEmbedder(nn.Module):
@@ -158,19 +168,18 @@ class DiTBlock(nn.Module):
 
         # 1. spatial: (B*T, L, D) -- a view, no copy
         h = modulate(self.norm_spatial(x), sh_s, sc_s).reshape(b * t, l, d)
-        x = x + gated(g_s, self.attn_spatial(h).view(b, t, l, d))
+        x = gated_residual(x, g_s, self.attn_spatial(h).view(b, t, l, d))
 
         # 2. temporal: (B*L, T, D)
         h = modulate(self.norm_temporal(x), sh_t, sc_t).transpose(1, 2).reshape(b * l, t, d)
-        x = x + gated(g_t, self.attn_temporal(h).view(b, l, t, d).transpose(1, 2))
+        x = gated_residual(x, g_t, self.attn_temporal(h).view(b, l, t, d).transpose(1, 2))
 
         # 3. cross-attention: all T*L latent tokens of a video -> that video's S ECG tokens
         h = modulate(self.norm_cross(x), sh_c, sc_c).reshape(b, t * l, d)
-        x = x + gated(g_c, self.attn_cross(h, context).view(b, t, l, d))
+        x = gated_residual(x, g_c, self.attn_cross(h, context).view(b, t, l, d))
 
         # 4. MLP
-        x = x + gated(g_m, self.mlp(modulate(self.norm_mlp(x), sh_m, sc_m)))
-        return x
+        return gated_residual(x, g_m, self.mlp(modulate(self.norm_mlp(x), sh_m, sc_m)))
 
 
 class FinalLayer(nn.Module):
@@ -215,6 +224,7 @@ class FlowDiT(nn.Module):
         self.x_embedder = nn.Linear(latent_channels * patch_size ** 2, hidden)
         self.t_embedder = TimestepEmbedder(hidden)
         self.ecg_proj = nn.Linear(ecg_dim, hidden)
+        self.ecg_frame_proj = nn.Linear(ecg_dim, hidden) if ecg_tokens == num_frames else None
         self.pooled_embedder = nn.Sequential(nn.Linear(ecg_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.null_tokens = nn.Parameter(torch.zeros(ecg_tokens, ecg_dim))
         self.null_pooled = nn.Parameter(torch.zeros(ecg_dim))
@@ -276,6 +286,8 @@ class FlowDiT(nn.Module):
         ``drop (B,)`` bool (True = unconditional) -> velocity ``(B, C, T, H, W)``."""
         ecg_tokens, ecg_pooled = self.apply_null(ecg_tokens, ecg_pooled, drop)
         x = self.x_embedder(self.patchify(z_t)) + self.pos_embed.to(z_t.dtype)        # (B, T, L, D)
+        if self.ecg_frame_proj is not None:                                            # frame t <- token t
+            x = x + self.ecg_frame_proj(ecg_tokens).unsqueeze(2)
         context = self.ecg_proj(ecg_tokens) + self.ecg_pos_embed.to(z_t.dtype)         # (B, S, D)
         c = self.t_embedder(t) + self.pooled_embedder(ecg_pooled)                      # (B, D)
         for block in self.blocks:

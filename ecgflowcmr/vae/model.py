@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCH_KEYS = ("latent_channels", "base_channels", "channel_mult", "num_res_blocks", "attention",
-             "time_kernel", "time_padding")
+             "time_kernel", "time_padding", "patch_size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +100,20 @@ class TimeConv3d(nn.Conv3d):
             mode = "circular" if self.time_padding == "circular" else "replicate"
             x = F.pad(x, (0, 0, 0, 0, self.pad_t, self.pad_t), mode=mode)
         return super().forward(x)
+
+
+def space_to_depth(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, T, H, W)`` -> ``(B, C*p*p, T, H/p, W/p)`` (pixel unshuffle of every frame)."""
+    if p == 1:
+        return x
+    return F.pixel_unshuffle(x.transpose(1, 2), p).transpose(1, 2)
+
+
+def depth_to_space(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Inverse of ``space_to_depth``."""
+    if p == 1:
+        return x
+    return F.pixel_shuffle(x.transpose(1, 2), p).transpose(1, 2)
 
 
 class ResBlock(nn.Module):
@@ -184,11 +198,13 @@ class Encoder(nn.Module):
 
     def __init__(self, in_channels: int, latent_channels: int, base_channels: int,
                  channel_mult: list[int], num_res_blocks: int, attention: bool,
-                 time_kernel: list[int], time_padding: str):
+                 time_kernel: list[int], time_padding: str, patch_size: int = 1):
         super().__init__()
         chans = [base_channels * m for m in channel_mult]
         levels = len(chans)
-        self.conv_in = TimeConv3d(in_channels, chans[0], time_kernel[0], time_padding=time_padding)
+        self.patch_size = patch_size
+        self.conv_in = TimeConv3d(in_channels * patch_size ** 2, chans[0], time_kernel[0],
+                                  time_padding=time_padding)
         self.down = nn.ModuleList()
         ch = chans[0]
         for i in range(levels):
@@ -209,7 +225,7 @@ class Encoder(nn.Module):
         self.conv_out = TimeConv3d(ch, 2 * latent_channels, kt, time_padding=time_padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(space_to_depth(x, self.patch_size))
         for level in self.down:
             for block in level.blocks:
                 h = block(h)
@@ -223,10 +239,11 @@ class Decoder(nn.Module):
 
     def __init__(self, out_channels: int, latent_channels: int, base_channels: int,
                  channel_mult: list[int], num_res_blocks: int, attention: bool,
-                 time_kernel: list[int], time_padding: str):
+                 time_kernel: list[int], time_padding: str, patch_size: int = 1):
         super().__init__()
         chans = [base_channels * m for m in channel_mult]
         levels = len(chans)
+        self.patch_size = patch_size
         ch = chans[-1]
         kt = time_kernel[-1]
         self.conv_in = TimeConv3d(latent_channels, ch, kt, time_padding=time_padding)
@@ -245,7 +262,8 @@ class Decoder(nn.Module):
                               else nn.Identity())
             self.up.append(level)
         self.norm_out = norm(ch)
-        self.conv_out = TimeConv3d(ch, out_channels, time_kernel[0], time_padding=time_padding)
+        self.conv_out = TimeConv3d(ch, out_channels * patch_size ** 2, time_kernel[0],
+                                   time_padding=time_padding)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid2(self.mid_attn(self.mid1(self.conv_in(z))))
@@ -253,7 +271,7 @@ class Decoder(nn.Module):
             for block in level.blocks:
                 h = block(h)
             h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return depth_to_space(self.conv_out(F.silu(self.norm_out(h))), self.patch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +286,7 @@ class VAE3D(nn.Module):
     def __init__(self, latent_channels: int = 4, base_channels: int = 32,
                  channel_mult: list[int] = (1, 2, 4, 4), num_res_blocks: int = 1,
                  attention: bool = True, time_kernel: list[int] = (3, 3, 3, 3),
-                 time_padding: str = "circular", in_channels: int = 1):
+                 time_padding: str = "circular", patch_size: int = 1, in_channels: int = 1):
         super().__init__()
         channel_mult, time_kernel = list(channel_mult), list(time_kernel)
         if len(time_kernel) != len(channel_mult):
@@ -277,10 +295,10 @@ class VAE3D(nn.Module):
         if time_padding not in ("circular", "replicate", "zeros"):
             raise ValueError(f"time_padding must be circular, replicate or zeros, got {time_padding!r}")
         self.latent_channels = latent_channels
-        self.spatial_factor = 2 ** (len(channel_mult) - 1)
+        self.spatial_factor = patch_size * 2 ** (len(channel_mult) - 1)
         arch = dict(latent_channels=latent_channels, base_channels=base_channels,
                     channel_mult=channel_mult, num_res_blocks=num_res_blocks, attention=attention,
-                    time_kernel=time_kernel, time_padding=time_padding)
+                    time_kernel=time_kernel, time_padding=time_padding, patch_size=patch_size)
         self.encoder = Encoder(in_channels, **arch)
         self.decoder = Decoder(in_channels, **arch)
         self.quant_conv = nn.Conv3d(2 * latent_channels, 2 * latent_channels, 1)

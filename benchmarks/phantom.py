@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""The phantom benchmark: the full model against the paper's ablations and two baselines.
+
+    python benchmarks/phantom.py --config configs/phantom_bench.yaml            # trains what is missing
+    python benchmarks/phantom.py --config configs/demo.yaml --only full,euler_1  # reuse the demo run
+
+Training variants each get a run folder ``<run_dir>/ablations/<name>/`` that links the base run's
+prepared data, VAE and cached latents (and its stage-1 encoder unless the variant retrains it), so
+every variant is trained on identical latents. Finished stages are skipped on re-runs.
+Sampling variants reuse the full model's checkpoint. Baselines:
+  * nearest neighbour: the training cine whose ECG is nearest (cosine, pooled stage-1 features);
+  * template only: the decoded template, the same static frame 50 times (animated by nothing).
+Every variant is scored on the test split against the phantom's ground truth. Writes
+``<run_dir>/bench/phantom_bench.{md,json}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ecgflowcmr.config import load_config  # noqa: E402
+from ecgflowcmr.data.datasets import Prepared, cine_from_uint8  # noqa: E402
+from ecgflowcmr.flow.generator import ECGToCine, sample_seed  # noqa: E402
+from ecgflowcmr.metrics import functional  # noqa: E402
+from ecgflowcmr.metrics.pipeline import evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (config overrides, retrain stage 1?)
+TRAINED = {
+    "full": ([], False),
+    "no_pamae": (["ecg.phase_weight=0", "ecg.cycle_mode=window"], True),
+    "no_template": (["flow.use_template=false"], False),
+    "alpha_0.25": (["flow.alpha=0.25"], False),
+    "alpha_0.5": (["flow.alpha=0.5"], False),
+    "alpha_1.5": (["flow.alpha=1.5"], False),
+}
+# name -> (sampler, steps, guidance), all from the full model. alpha 1.0 = "full".
+SAMPLED = {
+    "euler_1": ("euler", 1, 1.0),
+    "euler_2": ("euler", 2, 1.0),
+    "euler_4": ("euler", 4, 1.0),
+    "euler_10": ("euler", 10, 1.0),
+    "heun_5": ("heun", 5, 1.0),      # 10 network evaluations, as euler_10
+    "heun_10": ("heun", 10, 1.0),
+    "guidance_2": ("euler", 10, 2.0),
+}
+BASELINES = ("nearest_neighbour", "template_only")
+
+
+def run_stage(script: str, cfg_path: str, overrides: list[str]) -> None:
+    cmd = [sys.executable, str(ROOT / script), "--config", cfg_path, *overrides]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(src.resolve(), target_is_directory=True)
+
+
+def train_variants(cfg_path: str, cfg, names: list[str], extra: list[str]) -> dict[str, Path]:
+    """Train (or reuse) every training variant; returns name -> flow checkpoint."""
+    base = cfg.run_path
+    for script in ("prepare_data.py", "train_ecg.py", "train_disentangle_vae3d.py"):
+        run_stage(script, cfg_path, extra)
+    ckpts = {}
+    for name in names:
+        overrides, retrain_ecg = TRAINED[name]
+        if name == "full":
+            run_dir = base
+        else:
+            run_dir = base / "ablations" / name
+            for shared in ["vae", "latents"] + ([] if retrain_ecg else ["ecg"]):
+                link(base / shared, run_dir / shared)
+        run = [f"run_dir={run_dir}", f"data.root={cfg.data_root.resolve()}", *extra, *overrides]
+        if retrain_ecg:
+            run_stage("train_ecg.py", cfg_path, run)
+        run_stage("train_flow.py", cfg_path, run)
+        ckpts[name] = run_dir / "flow" / "best.pt"
+    return ckpts
+
+
+class Scorer:
+    """Scores generated test-split cines against the phantom: fidelity + functional readouts."""
+
+    def __init__(self, cfg, out_dir: Path, device: torch.device):
+        self.cfg, self.out_dir, self.device = cfg, out_dir, device
+        self.prepared = Prepared(cfg.data_root)
+        self.test = self.prepared.split_indices("test")
+        self.ids = self.prepared.subject_ids(self.test)
+        self.segmenter, self.seg_info = functional.segmenter_for(
+            self.prepared, out_dir / "segmenter.pt", device=device, log=print)
+        gt = self.prepared.subjects.iloc[self.test]
+        self.gt_es = gt["es_frame"].to_numpy(np.float64)
+        self.gt_ef = gt["ef_area"].to_numpy(np.float64)
+        self.true_curves = functional.lv_area_curves(np.asarray(self.prepared.masks[self.test]))
+
+    def score(self, cines: np.ndarray, seconds_per_video: float | None) -> dict:
+        """``cines`` (N_test, 1, 50, 96, 96) in [-1, 1], rows in test-split order."""
+        res = evaluate("split:test", cines, cfg=self.cfg, paired=True,
+                       data_root=self.cfg.data_root, out_dir=self.out_dir / "eval_cache",
+                       metrics=("psnr", "ssim", "lpips", "fid", "fvd"), device=self.device)
+        row = {}
+        for name in ("psnr", "ssim", "lpips", "fid", "fvd"):
+            entry = res["metrics"].get(name, {})
+            row[name] = entry.get("value") if entry.get("available") else None
+        u8 = np.clip(np.rint((cines[:, 0] + 1) * 127.5), 0, 255).astype(np.uint8)
+        curves = functional.lv_area_curves(functional.segment(self.segmenter, u8, device=self.device))
+        vs_gt = functional.compare_to_ground_truth(curves, self.gt_es, self.gt_ef)
+        vs_masks = functional.compare_curves(curves, self.true_curves)
+        row.update(
+            es_frame_error_median=float(np.nanmedian(vs_gt["es_frame_error"])),
+            es_frame_error_mean=float(np.nanmean(vs_gt["es_frame_error"])),
+            curve_corr=float(np.nanmean(vs_masks["curve_corr"])),
+            ef_area_mae=float(np.nanmean(vs_gt["ef_area_error"])),
+            seconds_per_video=seconds_per_video,
+            n_videos=int(len(cines)))
+        row["_es_frames"] = functional.es_frame(curves).tolist()
+        return row
+
+
+def generate_split(gen: ECGToCine, ecg: np.ndarray, ids: list[str], sampler: str, steps: int,
+                   guidance: float, seed: int, batch: int) -> tuple[np.ndarray, float]:
+    """Generate one cine per ECG; returns (cines (N, 1, 50, 96, 96), seconds per video)."""
+    out, t0 = [], time.perf_counter()
+    for i in range(0, len(ids), batch):
+        rows = torch.from_numpy(np.asarray(ecg[i:i + batch], dtype=np.float32))
+        seeds = [sample_seed(seed, sid, 0) for sid in ids[i:i + batch]]
+        out.append(gen.generate(rows, seeds, sampler=sampler, steps=steps, guidance=guidance).cine.numpy())
+    return np.concatenate(out), (time.perf_counter() - t0) / max(1, len(ids))
+
+
+def nearest_neighbour(gen: ECGToCine, prepared: Prepared, test_idx: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
+    """The training cine whose ECG is nearest in the stage-1 pooled feature space (cosine)."""
+    def pooled(indices):
+        feats = []
+        for i in range(0, len(indices), batch):
+            ecg = torch.from_numpy(np.asarray(prepared.ecg[indices[i:i + batch]], dtype=np.float32))
+            feats.append(torch.nn.functional.normalize(gen.encode(ecg).pooled.float().cpu(), dim=-1))
+        return torch.cat(feats)
+
+    train_idx = prepared.split_indices("train")
+    train_feats = pooled(train_idx)
+    t0 = time.perf_counter()
+    nearest = (pooled(test_idx) @ train_feats.T).argmax(dim=1).numpy()
+    cines = cine_from_uint8(np.asarray(prepared.cine[train_idx[nearest]]))[:, None]
+    return cines, (time.perf_counter() - t0) / max(1, len(test_idx))
+
+
+def template_only(gen: ECGToCine, n: int) -> np.ndarray:
+    template = gen.template["template"].float()                      # (C, 1, h, w)
+    latent = template.expand(-1, gen.latent_shape[1], -1, -1)[None]  # (1, C, 50, h, w)
+    with torch.no_grad():
+        cine = gen.vae.decode(latent.to(gen.device)).float().clamp(-1, 1).cpu().numpy()
+    return np.repeat(cine, n, axis=0)
+
+
+def faithfulness(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, seed: int, batch: int, steps: int) -> dict:
+    """Swap ECGs between test subjects: does the generated ES frame follow the ECG given?"""
+    n = len(scorer.ids)
+    perm = np.roll(np.arange(n), n // 2)  # a derangement for n >= 2
+    cines, _ = generate_split(gen, ecg[perm], [scorer.ids[j] for j in perm], "euler", steps, 1.0, seed, batch)
+    row = scorer.score(cines, None)
+    es = np.asarray(row["_es_frames"], dtype=np.float64)
+    err_given = functional.circular_frame_error(es, scorer.gt_es[perm])
+    err_other = functional.circular_frame_error(es, scorer.gt_es)
+    ef = functional.ef_area(functional.lv_area_curves(functional.segment(
+        scorer.segmenter, np.clip(np.rint((cines[:, 0] + 1) * 127.5), 0, 255).astype(np.uint8), device=scorer.device)))
+    return {
+        "what": "ECGs rotated by n/2 among test subjects; generated ES frame vs the ES frame of the subject whose "
+                "ECG was given, and vs the subject whose slot it took",
+        "es_error_vs_ecg_owner_median": float(np.median(err_given)),
+        "es_error_vs_other_subject_median": float(np.median(err_other)),
+        "es_frame_corr_with_ecg_owner": float(np.corrcoef(es, scorer.gt_es[perm])[0, 1]) if n > 2 else None,
+        "ef_area_range_generated": [float(np.nanmin(ef)), float(np.nanmax(ef))],
+        "ef_area_range_truth": [float(np.nanmin(scorer.gt_ef)), float(np.nanmax(scorer.gt_ef))],
+        "n": n,
+    }
+
+
+def fmt(v, digits=3):
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
+    cols = ["psnr", "ssim", "lpips", "fid", "fvd", "es_frame_error_median", "curve_corr", "ef_area_mae",
+            "seconds_per_video"]
+    lines = [f"# Phantom benchmark ({cfg_path}, test split, n = {next(iter(rows.values()))['n_videos']})", "",
+             "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
+    lines += ["", "PSNR/SSIM/LPIPS paired with the real test cine; FID/FVD n/a where the weights are absent "
+              "(see evaluation.py); ES-frame error (frames, median) and area-EF MAE (points) against the "
+              "phantom's ground truth; curve correlation against the ground-truth mask curves.", ""]
+    if extra.get("faithfulness"):
+        lines += ["## ECG swap", "", "```", json.dumps(extra["faithfulness"], indent=1), "```"]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "phantom_bench.md").write_text(text)
+    clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")} for k, r in rows.items()}
+    (out / "phantom_bench.json").write_text(json.dumps({"rows": clean, **extra}, indent=1))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--config", default="configs/phantom_bench.yaml")
+    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--no-train", action="store_true", help="only score runs that already exist")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    torch.manual_seed(cfg.seed)
+    wanted = [w for w in args.only.split(",") if w] or [*TRAINED, *SAMPLED, *BASELINES, "faithfulness"]
+    unknown = [w for w in wanted if w not in {*TRAINED, *SAMPLED, *BASELINES, "faithfulness"}]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    trained = [w for w in TRAINED if w in wanted]
+    if args.no_train:
+        base = cfg.run_path
+        ckpts = {n: (base if n == "full" else base / "ablations" / n) / "flow" / "best.pt" for n in trained}
+    else:
+        ckpts = train_variants(args.config, cfg, sorted(set(trained) | {"full"}), args.overrides)
+    ckpts.setdefault("full", cfg.run_path / "flow" / "best.pt")
+    out = cfg.run_path / "bench"
+    scorer = Scorer(cfg, out, device)
+    ecg = np.asarray(scorer.prepared.ecg[scorer.test], dtype=np.float32)
+    inf, seed, batch = cfg.infer, cfg.infer.seed, cfg.infer.batch_size
+    rows: dict[str, dict] = {}
+    full = ECGToCine.from_checkpoint(ckpts["full"], device)
+    for name in trained:
+        gen = full if name == "full" else ECGToCine.from_checkpoint(ckpts[name], device)
+        cines, spv = generate_split(gen, ecg, scorer.ids, inf.sampler, inf.steps, inf.guidance, seed, batch)
+        rows[name] = scorer.score(cines, spv)
+        print(name, {k: fmt(v) for k, v in rows[name].items() if not k.startswith("_")}, flush=True)
+    for name, (sampler, steps, guidance) in SAMPLED.items():
+        if name in wanted:
+            cines, spv = generate_split(full, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
+            rows[name] = scorer.score(cines, spv)
+            print(name, {k: fmt(v) for k, v in rows[name].items() if not k.startswith("_")}, flush=True)
+    if "nearest_neighbour" in wanted:
+        cines, spv = nearest_neighbour(full, scorer.prepared, scorer.test, batch)
+        rows["nearest_neighbour"] = scorer.score(cines, spv)
+    if "template_only" in wanted:
+        rows["template_only"] = scorer.score(template_only(full, len(scorer.ids)), None)
+    extra = {"config": args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
+             "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
+             "device": str(device), "torch_threads": torch.get_num_threads()}
+    if "faithfulness" in wanted:
+        extra["faithfulness"] = faithfulness(full, scorer, ecg, seed, batch, inf.steps)
+    print(write_table(rows, extra, out, args.config))
+
+
+if __name__ == "__main__":
+    main()

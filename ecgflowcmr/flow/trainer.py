@@ -1,0 +1,530 @@
+"""Stage 3 training loop (``train_flow.py`` is a thin wrapper around ``train``).
+
+Reads what stages 1 and 2 wrote (and refuses, naming the file and the stage, without it)::
+
+    runs/<exp>/ecg/best.pt                      train_ecg.py
+    runs/<exp>/vae/best.pt                      train_disentangle_vae3d.py
+    runs/<exp>/latents/{train,val}.npy + {split}_index.csv, latents/template.pt
+                                                train_disentangle_vae3d.py
+    prepared dataset (ECGs)                     prepare_data.py
+
+It never runs the VAE encoder: the flow trains on the cached latents. With a frozen encoder
+(``flow.ecg_finetune=false``, the default) the ECG tokens of every train/val subject are computed
+once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>/``; with fine-tuning the encoder
+runs on every batch and is trained at ``flow.ecg_lr``.
+
+Writes ``flow/last.pt`` every epoch and when ``flow.max_steps`` stops the run (exact resume, also
+inside an epoch: see ``train``), ``flow/best.pt`` on the
+lowest deterministic validation loss of the EMA weights (fixed t grid, fixed noise seeds),
+``flow/log.jsonl``, ``flow/previews/*.gif`` every ``flow.sample_every`` epochs, and
+``flow/train_summary.json``. DDP-ready: ``torchrun --nproc_per_node N train_flow.py ...``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..config import Config, ConfigError
+from ..utils import dist as udist
+from ..utils.checkpoint import atomic_save, load_checkpoint, make_checkpoint, restore_checkpoint
+from ..utils.device import autocast, select_device
+from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
+from ..utils.seed import seed_everything
+from ..utils.train import EMA, clip_grad, cosine_schedule
+from .dit import build_dit
+from . import generator as gen
+from .generator import ECGToCine, FlowModel, encoder_state_from, module_hash, sample_seed
+from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching_loss, sample_t,
+                        seeded_noise, template_hash, validation_t_grid)
+
+VAL_T_POINTS = 8
+# flow keys that may change between a run and its resumption
+RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp"}
+PREVIEW_SUBJECTS = 2
+LATENT_SPLITS = ("train", "val")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+
+class StagePaths:
+    """Where stage 3 reads from, with the "refuse without it" checks."""
+
+    def __init__(self, cfg: Config):
+        run = cfg.run_path
+        self.ecg_ckpt = run / "ecg" / "best.pt"
+        self.vae_ckpt = run / "vae" / "best.pt"
+        self.latents = run / "latents"
+        self.template = self.latents / "template.pt"
+        self.data_root = cfg.data_root
+
+    def check(self) -> None:
+        require_file(self.ecg_ckpt, "train_ecg.py (stage 1)")
+        require_file(self.vae_ckpt, "train_disentangle_vae3d.py (stage 2)")
+        require_file(self.template, "train_disentangle_vae3d.py (stage 2, latent extraction)")
+        for split in LATENT_SPLITS:
+            require_file(self.latents / f"{split}.npy", "train_disentangle_vae3d.py (stage 2, latent extraction)")
+            require_file(self.latents / f"{split}_index.csv",
+                         "train_disentangle_vae3d.py (stage 2, latent extraction)")
+        require_file(self.data_root / "meta.json", "prepare_data.py")
+
+
+class LatentSplit:
+    """Cached latents of one split: ``z (N, C, T, h, w)`` memmap + prepared-dataset rows/ids."""
+
+    def __init__(self, latents_dir: Path, split: str):
+        import pandas as pd
+
+        self.split = split
+        self.z = np.load(latents_dir / f"{split}.npy", mmap_mode="r")
+        index = pd.read_csv(latents_dir / f"{split}_index.csv", dtype={"subject_id": str})
+        for col in ("row", "index", "subject_id"):
+            if col not in index.columns:
+                raise ValueError(f"'{latents_dir / f'{split}_index.csv'}' has no '{col}' column")
+        index = index.sort_values("row")
+        if len(index) != self.z.shape[0] or not np.array_equal(index["row"].to_numpy(), np.arange(len(index))):
+            raise ValueError(f"'{latents_dir / f'{split}_index.csv'}' does not list rows 0..{self.z.shape[0] - 1} "
+                             f"of {split}.npy; re-run the latent extraction (train_disentangle_vae3d.py --extract-only)")
+        self.prepared_index = index["index"].to_numpy().astype(np.int64)
+        self.subject_ids = index["subject_id"].astype(str).tolist()
+
+    def __len__(self) -> int:
+        return int(self.z.shape[0])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return tuple(int(s) for s in self.z.shape[1:])
+
+
+class ConditionCache:
+    """Frozen-encoder outputs for the rows of one split, computed once (memmap on disk)."""
+
+    def __init__(self, folder: Path):
+        self.tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+        small = np.load(folder / "meta.npz")
+        self.pooled, self.start, self.end, self.fallback = (small["pooled"], small["start"],
+                                                            small["end"], small["fallback"])
+
+    @staticmethod
+    @torch.no_grad()
+    def build(folder: Path, encoder, ecg_array, prepared_index: np.ndarray, device: torch.device,
+              batch_size: int = 32, desc: str = "") -> None:
+        """Run ``encoder`` over ``ecg_array[prepared_index]`` and write ``folder`` (rank 0)."""
+        from numpy.lib.format import open_memmap
+        from tqdm import tqdm
+
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(prepared_index)
+        tokens = pooled = None
+        start, end, fallback = (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool))
+        for lo in tqdm(range(0, n, batch_size), desc=f"ECG tokens {desc}", leave=False):
+            idx = prepared_index[lo:lo + batch_size]
+            ecg = torch.from_numpy(np.stack([np.asarray(ecg_array[i], dtype=np.float32) for i in idx]))
+            out = encoder(ecg.to(device))
+            if tokens is None:
+                tokens = open_memmap(folder / "tokens.tmp.npy", mode="w+", dtype=np.float32,
+                                     shape=(n,) + tuple(out.tokens.shape[1:]))
+                pooled = np.zeros((n,) + tuple(out.pooled.shape[1:]), np.float32)
+            tokens[lo:lo + len(idx)] = out.tokens.float().cpu().numpy()
+            pooled[lo:lo + len(idx)] = out.pooled.float().cpu().numpy()
+            start[lo:lo + len(idx)] = out.start.cpu().numpy()
+            end[lo:lo + len(idx)] = out.end.cpu().numpy()
+            fallback[lo:lo + len(idx)] = out.fallback.cpu().numpy()
+        tokens.flush()
+        del tokens
+        np.savez(folder / "meta.npz", pooled=pooled, start=start, end=end, fallback=fallback)
+        (folder / "tokens.tmp.npy").replace(folder / "tokens.npy")
+        (folder / "complete").write_text(json.dumps({"n": n}))
+
+    @staticmethod
+    def valid(folder: Path, n: int) -> bool:
+        marker = folder / "complete"
+        return marker.is_file() and json.loads(marker.read_text()).get("n") == n
+
+
+class FlowDataset(Dataset):
+    """Items: ``{"row", "z1" (C, T, h, w) normalised, and "tokens" + "pooled" (cached, frozen
+    encoder) or "ecg" (12, 5000) (fine-tuned encoder)}``."""
+
+    def __init__(self, split: LatentSplit, norm: LatentNorm, cache: ConditionCache | None = None,
+                 ecg_array=None):
+        self.split, self.cache, self.ecg_array = split, cache, ecg_array
+        self.mean = norm.mean.view(-1, 1, 1, 1).numpy()
+        self.std = norm.std.view(-1, 1, 1, 1).numpy()
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        z = (np.asarray(self.split.z[i], dtype=np.float32) - self.mean) / self.std
+        item = {"row": i, "z1": torch.from_numpy(z.astype(np.float32))}
+        if self.cache is not None:
+            item["tokens"] = torch.from_numpy(np.array(self.cache.tokens[i], dtype=np.float32))
+            item["pooled"] = torch.from_numpy(np.array(self.cache.pooled[i], dtype=np.float32))
+        else:
+            idx = int(self.split.prepared_index[i])
+            item["ecg"] = torch.from_numpy(np.array(self.ecg_array[idx], dtype=np.float32))
+        return item
+
+
+def _condition(batch: dict, device: torch.device) -> dict:
+    if "tokens" in batch:
+        return {"ecg_tokens": batch["tokens"].to(device, non_blocking=True),
+                "ecg_pooled": batch["pooled"].to(device, non_blocking=True)}
+    return {"ecg": batch["ecg"].to(device, non_blocking=True)}
+
+
+def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay only on matrices; the encoder (when trained) at its own lr."""
+    groups = []
+    for name_prefix, group_lr in (("dit.", lr), ("encoder.", ecg_lr)):
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(name_prefix) and p.requires_grad]
+        decay = [p for n, p in params if p.ndim >= 2 and "null_" not in n]
+        no_decay = [p for n, p in params if not (p.ndim >= 2 and "null_" not in n)]
+        for ps, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if ps:
+                groups.append({"params": ps, "lr": group_lr, "weight_decay": wd})
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and previews
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
+                    batch_size: int, seed: int, amp: bool = True) -> float:
+    """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
+    and noise from per-row seeds. Same weights -> same number, whatever the batch or world size."""
+    if len(dataset) == 0:
+        return float("nan")
+    grid = validation_t_grid(VAL_T_POINTS)
+    rows = list(range(udist.rank(), len(dataset), udist.world_size()))
+    total, count = 0.0, 0
+    for lo in range(0, len(rows), batch_size):
+        items = [dataset[r] for r in rows[lo:lo + batch_size]]
+        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        z1 = batch["z1"].to(device)
+        cond = _condition(batch, device)
+        for j, t_val in enumerate(grid):
+            noise = torch.stack([seeded_noise(tuple(z1.shape[1:]), sample_seed(seed, f"val{r}", j))
+                                 for r in batch["row"].tolist()]).to(device)
+            t = torch.full((z1.shape[0],), float(t_val), device=device)
+            with autocast(device, amp):
+                losses = flow_matching_loss(model, z1, anchor, t, noise, reduce=False, **cond)
+            total += float(losses.float().sum())
+            count += z1.shape[0]
+    tensor = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if udist.is_distributed():
+        torch.distributed.all_reduce(tensor)
+    return float(tensor[0] / tensor[1].clamp_min(1))
+
+
+def write_previews(pipeline: ECGToCine, prepared, split: LatentSplit, out_dir: Path, tag: str,
+                   seed: int, sampler: str, steps: int, guidance: float, n: int = PREVIEW_SUBJECTS) -> list[str]:
+    """Generate ``n`` validation subjects from their ECG alone and save GIFs (rank 0)."""
+    from ..utils.previews import save_preview
+
+    written = []
+    rows = list(range(min(n, len(split))))
+    if not rows:
+        return written
+    ecg = torch.from_numpy(np.stack([np.asarray(prepared.ecg[int(split.prepared_index[r])], dtype=np.float32)
+                                     for r in rows]))
+    ids = [split.subject_ids[r] for r in rows]
+    result = pipeline.generate(ecg, [sample_seed(seed, s, 0) for s in ids], sampler, steps, guidance)
+    for i, sid in enumerate(ids):
+        path = out_dir / f"{tag}_{sid}.gif"
+        save_preview(path, result.cine[i].numpy(), ecg[i].numpy(), int(result.start[i]), int(result.end[i]),
+                     title=f"{sid} {tag}", fallback=bool(result.fallback[i]))
+        written.append(str(path))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _ema_decay(target: float, step: int) -> float:
+    """EMA warm-up: early averages are not dominated by the random initialisation."""
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+def _config_diffs(old: dict, new: dict) -> list[str]:
+    """Differences that make ``last.pt`` a different run (flow section except RESUMABLE_KEYS, seed)."""
+    diffs = [f"flow.{k}: {old.get('flow', {}).get(k)!r} -> {v!r}" for k, v in new["flow"].items()
+             if k not in RESUMABLE_KEYS and old.get("flow", {}).get(k) != v]
+    if old.get("seed") != new["seed"]:
+        diffs.append(f"seed: {old.get('seed')!r} -> {new['seed']!r}")
+    return diffs
+
+
+def train(cfg: Config, resume: bool = False, fresh: bool = False,
+          stop_after_epochs: int | None = None) -> dict:
+    """Train stage 3 from ``cfg``; returns a summary dict (also written to flow/train_summary.json).
+
+    Resuming (the same rules as stage 1): ``resume=True`` continues from ``last.pt`` (which must
+    exist) exactly, also inside an epoch; without flags an existing ``last.pt`` of the same
+    configuration is resumed too (re-running ``make demo`` continues or skips finished work), one
+    of a different configuration is an error unless ``fresh=True`` (start over). Stage-1/2 outputs
+    that changed since (other template, VAE or encoder hash) are always an error.
+    ``stop_after_epochs``: return after that many epochs of this call, as if the process had been
+    killed there (tests of exact resume)."""
+    from ..data.datasets import Prepared
+
+    fl = cfg.flow
+    if resume and fresh:
+        raise ConfigError("--resume and --fresh contradict each other")
+    device = select_device(cfg.device)
+    udist.init_distributed(device)
+    paths = StagePaths(cfg)
+    paths.check()
+    out = stage_dir(cfg, "flow")
+    log = setup_logging(out / "train.log")
+    jsonl = JsonlLog(out / "log.jsonl")
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(last_path, stage_hint="train_flow.py (nothing to resume)")
+    elif last_path.is_file() and not fresh:
+        ckpt = load_checkpoint(last_path)
+        log.info("found %s: resuming it (pass --fresh to start over)", last_path)
+    if ckpt is not None:
+        diffs = _config_diffs(ckpt.get("config", {}), cfg.to_dict())
+        if diffs:
+            raise ConfigError(f"'{last_path}' was written with a different configuration ({'; '.join(diffs)}). "
+                              "Pass --fresh to start over, or choose another run_dir=.")
+        if int(ckpt["epoch"]) >= fl.epochs or (fl.max_steps and int(ckpt["step"]) >= fl.max_steps):
+            log.info("stage 3 already complete (%d epochs, %d steps in %s); nothing to do",
+                     int(ckpt["epoch"]), int(ckpt["step"]), last_path)
+            extra = ckpt.get("extra", {})
+            udist.cleanup()
+            return {"epochs": int(ckpt["epoch"]), "steps": int(ckpt["step"]),
+                    "best_val_loss": extra.get("best_val"), "history": extra.get("history", []),
+                    "seconds": 0.0, "best": str(best_path), "last": str(last_path), "skipped": True}
+    seed_everything(cfg.seed + udist.rank())
+    amp = fl.amp and device.type == "cuda"
+
+    # -- stage-2 outputs ----------------------------------------------------------------------
+    template = load_checkpoint(paths.template, stage_hint="train_disentangle_vae3d.py")
+    template = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in template.items()}
+    vae, vae_spec = gen.load_stage2_vae(paths.vae_ckpt, device)
+    vae.eval()
+    if template.get("vae_hash") and template["vae_hash"] != vae_spec["hash"]:
+        raise RuntimeError(f"'{paths.template}' was made by VAE {template['vae_hash']} but '{paths.vae_ckpt}' "
+                           f"is VAE {vae_spec['hash']}: the cached latents are stale. Re-run "
+                           "train_disentangle_vae3d.py --extract-only with this config.")
+    t_hash = template_hash(template)
+    norm = LatentNorm.from_template(template)
+    anchor = TemplateAnchor(norm.normalize(template["template"][None])[0], fl.alpha, fl.use_template)
+    splits = {s: LatentSplit(paths.latents, s) for s in LATENT_SPLITS}
+    latent_shape = splits["train"].latent_shape
+    if len(splits["train"]) == 0:
+        raise RuntimeError(f"'{paths.latents / 'train.npy'}' has no rows: nothing to train on")
+    if tuple(template["template"].shape[:1]) + tuple(template["template"].shape[2:]) != \
+            (latent_shape[0],) + latent_shape[2:]:
+        raise RuntimeError(f"template shape {tuple(template['template'].shape)} does not match latents "
+                           f"{latent_shape}; re-run the latent extraction")
+    prepared = Prepared(paths.data_root)
+
+    # -- stage-1 encoder ----------------------------------------------------------------------
+    encoder, ecg_spec = gen.load_stage1_encoder(paths.ecg_ckpt, device, cfg.ecg.cycle_mode)
+    encoder.eval()
+    frozen_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    if fl.ecg_finetune:
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+        datasets = {s: FlowDataset(splits[s], norm, ecg_array=prepared.ecg) for s in LATENT_SPLITS}
+    else:
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        caches = {}
+        for s in LATENT_SPLITS:
+            folder = out / "ecg_cache" / ecg_spec["hash"] / s
+            if udist.is_main() and not ConditionCache.valid(folder, len(splits[s])):
+                log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
+                ConditionCache.build(folder, encoder, prepared.ecg, splits[s].prepared_index, device,
+                                     batch_size=max(fl.batch_size, 16), desc=s)
+            udist.barrier()
+            caches[s] = ConditionCache(folder)
+        datasets = {s: FlowDataset(splits[s], norm, cache=caches[s]) for s in LATENT_SPLITS}
+    ecg_dim = int(getattr(encoder, "dim", 0) or 0)
+    if not ecg_dim:
+        raise RuntimeError("the stage-1 encoder does not report its token width (encoder.dim)")
+
+    # -- model, EMA, optimiser ----------------------------------------------------------------
+    dit = build_dit(fl, latent_shape, ecg_dim=ecg_dim, ecg_tokens=cfg.ecg.num_tokens)
+    model = FlowModel(dit, encoder if fl.ecg_finetune else None).to(device)
+    ema = EMA(model, fl.ema_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, fl.lr, fl.ecg_lr, fl.weight_decay), lr=fl.lr)
+    train_loader = udist.make_loader(datasets["train"], fl.batch_size, train=True, seed=cfg.seed,
+                                     num_workers=fl.num_workers)
+    steps_per_epoch = max(1, len(train_loader))
+    # the schedule spans flow.epochs; flow.max_steps only stops early (smoke runs, interrupted runs)
+    scheduler = cosine_schedule(optimizer, fl.warmup_steps, fl.epochs * steps_per_epoch)
+    ddp_model = udist.wrap_ddp(model, device, find_unused_parameters=fl.ecg_finetune)
+    n_params = sum(p.numel() for p in dit.parameters())
+    log.info("flow DiT: %.2f M parameters, latents %s, %d train / %d val subjects, %d steps/epoch, "
+             "encoder %s", n_params / 1e6, latent_shape, len(datasets["train"]), len(datasets["val"]),
+             steps_per_epoch, "fine-tuned" if fl.ecg_finetune else "frozen (cached tokens)")
+
+    step, epoch, epoch_step, best = 0, 0, 0, math.inf
+    history: list[dict] = []
+    # t, noise and CFG drops come from their own generator (saved in the checkpoint): the
+    # DataLoader draws from the global RNG whenever an epoch's iterator starts, which would make a
+    # run resumed inside an epoch draw different noise
+    flow_rng = torch.Generator().manual_seed(cfg.seed * 1000 + udist.rank())
+    if ckpt is not None:
+        extra = ckpt.get("extra", {})
+        for key, now in (("template_hash", t_hash), ("vae_hash", vae_spec["hash"]),
+                         ("ecg_source_hash", ecg_spec["hash"])):
+            if extra.get(key) and extra[key] != now:
+                raise RuntimeError(f"cannot resume '{last_path}': its {key} {extra[key]} differs from the current "
+                                   f"stage-1/2 outputs ({now}). Start over with --fresh.")
+        step, epoch = restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
+        epoch_step = int(extra.get("epoch_step", 0))
+        rng_states = extra.get("flow_rng") or []
+        if len(rng_states) == udist.world_size():
+            flow_rng.set_state(rng_states[udist.rank()])
+        else:
+            log.warning("last.pt has flow RNG states of %d processes, this run has %d: noise continues "
+                        "from a fresh generator (not bit-exact)", len(rng_states), udist.world_size())
+            flow_rng.manual_seed(cfg.seed * 1000 + udist.rank() + 7919 * step)
+        best = float(extra.get("best_val", math.inf))
+        history = list(extra.get("history", []))
+        log.info("resumed from %s at epoch %d (+%d steps), step %d (best val %.5f)",
+                 last_path, epoch, epoch_step, step, best)
+        del ckpt
+
+    def rng_states_all() -> list[torch.Tensor]:
+        """Every rank's flow generator state (gathered to all ranks)."""
+        state = flow_rng.get_state()
+        if not udist.is_distributed():
+            return [state]
+        gathered = [None] * udist.world_size()
+        torch.distributed.all_gather_object(gathered, state)
+        return gathered
+
+    def checkpoint_dict(all_rng: list) -> dict:
+        if fl.ecg_finetune:
+            enc_state = encoder_state_from(ema.state_dict())
+            enc_hash = module_hash(ema.module.encoder)
+        else:
+            enc_state, enc_hash = frozen_state, ecg_spec["hash"]
+        ckpt = make_checkpoint(model, optimizer, scheduler, ema=ema, step=step, epoch=epoch,
+                               config=cfg.to_dict(),
+                               extra={"best_val": best, "history": history, "template_hash": t_hash,
+                                      "epoch_step": epoch_step, "flow_rng": all_rng,
+                                      "vae_hash": vae_spec["hash"], "ecg_hash": enc_hash,
+                                      "ecg_source_hash": ecg_spec["hash"], "ecg_finetune": fl.ecg_finetune})
+        ckpt.update({"dit_arch": dict(dit.arch),
+                     "ecg_encoder": {"config": ecg_spec["config"], "state_dict": enc_state, "hash": enc_hash},
+                     "vae": vae_spec,
+                     "template": template,
+                     "flow": {"latent_norm": norm.to_dict(), "alpha": fl.alpha, "use_template": fl.use_template,
+                              "latent_shape": list(latent_shape), "normalized": True,
+                              "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop}})
+        return ckpt
+
+    def preview(tag: str) -> None:
+        if not udist.is_main() or len(splits["val"]) == 0:
+            return
+        enc = ema.module.encoder if fl.ecg_finetune else encoder
+        pipe = ECGToCine(ema.module.dit, enc, vae, template, norm, fl.alpha, fl.use_template, device, amp=fl.amp)
+        paths_written = write_previews(pipe, prepared, splits["val"], out / "previews", tag, cfg.infer.seed,
+                                       cfg.infer.sampler, cfg.infer.steps, cfg.infer.guidance)
+        log.info("previews: %s", ", ".join(paths_written))
+
+    from tqdm import tqdm
+
+    t_start = time.time()
+    first_loss = None
+    epochs_this_call = 0
+    while epoch < fl.epochs and (fl.max_steps <= 0 or step < fl.max_steps):
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            break
+        epochs_this_call += 1
+        model.train()
+        if model.encoder is not None:             # fine-tuned, but deterministic (no dropout / batch stats)
+            model.encoder.eval()
+        udist.set_loader_epoch(train_loader, epoch, seed=cfg.seed)
+        batches = itertools.islice(iter(train_loader), epoch_step, None)     # exact resume inside an epoch
+        bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"flow epoch {epoch + 1}/{fl.epochs}",
+                   disable=not udist.is_main(), leave=False, dynamic_ncols=True)
+        running, n_running = 0.0, 0
+        for batch in bar:
+            z1 = batch["z1"].to(device, non_blocking=True)
+            b = z1.shape[0]
+            t = sample_t(b, fl.t_sampling, device=device, generator=flow_rng)
+            noise = torch.randn(z1.shape, generator=flow_rng).to(device)
+            drop = cfg_drop_mask(b, fl.cfg_drop, device=device, generator=flow_rng)
+            with autocast(device, amp):
+                loss = flow_matching_loss(ddp_model, z1, anchor, t, noise, drop=drop, **_condition(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = clip_grad(model.parameters(), fl.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            epoch_step += 1
+            ema.decay = _ema_decay(fl.ema_decay, step)
+            ema.update(model)
+            loss_value = float(loss.detach())
+            first_loss = loss_value if first_loss is None else first_loss
+            running += loss_value
+            n_running += 1
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if step % max(1, fl.log_every) == 0:
+                jsonl.write(step=step, epoch=epoch, loss=loss_value, grad_norm=grad_norm,
+                            lr=scheduler.get_last_lr()[0], seconds=time.time() - t_start)
+            if fl.max_steps > 0 and step >= fl.max_steps:
+                break
+        bar.close()
+        stopped_early = epoch_step < steps_per_epoch                       # max_steps inside the epoch
+        if not stopped_early:
+            epoch, epoch_step = epoch + 1, 0
+        train_loss = udist.all_reduce_mean(running / max(1, n_running), device)
+        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "seconds": time.time() - t_start}
+        if stopped_early or epoch % max(1, fl.val_every) == 0 or epoch >= fl.epochs:
+            ema.module.eval()
+            record["val_loss"] = validation_loss(ema.module, datasets["val"], anchor, device,
+                                                 max(fl.batch_size, 8), cfg.seed, amp)
+        history.append(record)
+        jsonl.write(**record)
+        val = record.get("val_loss", math.nan)
+        improved = (not math.isnan(val) and val < best) or (len(datasets["val"]) == 0)
+        if improved and not math.isnan(val):
+            best = val
+        all_rng = rng_states_all()                                         # collective: every rank
+        if udist.is_main():
+            ckpt = checkpoint_dict(all_rng)
+            atomic_save(ckpt, last_path)
+            if improved or not best_path.is_file():
+                atomic_save(ckpt, best_path)
+            del ckpt
+        log.info("epoch %d step %d: train %.5f val %s%s", epoch, step, train_loss,
+                 f"{val:.5f}" if not math.isnan(val) else "-", " (best)" if improved else "")
+        if fl.sample_every > 0 and (epoch % fl.sample_every == 0 or epoch >= fl.epochs or stopped_early):
+            preview(f"epoch{epoch:03d}" + (f"_step{step}" if stopped_early else ""))
+        udist.barrier()
+
+    summary = {"epochs": epoch, "steps": step, "best_val_loss": best if best < math.inf else None,
+               "first_train_loss": first_loss, "history": history,
+               "seconds": time.time() - t_start, "dit_parameters": n_params,
+               "encoder": "fine-tuned" if fl.ecg_finetune else "frozen",
+               "best": str(best_path), "last": str(last_path)}
+    if udist.is_main():
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    udist.cleanup()
+    return summary
