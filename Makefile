@@ -7,7 +7,7 @@ CONFIG ?= configs/demo.yaml
 export OMP_NUM_THREADS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test prepare clean-demo
+.PHONY: venv demo demo-ecg demo-vae test prepare clean-demo
 
 venv: $(VENV)/.installed
 
@@ -21,16 +21,27 @@ test: venv
 	$(PY) -m pytest -q tests
 
 # The whole pipeline on CPU with the phantom; re-running resumes / skips finished work.
+# Stages 1 and 2 are independent: they train side by side, one thread each.
+RUN := runs/demo
 demo: venv
 	@echo "== prepare: phantom + prepared dataset" && $(PY) prepare_data.py --config $(CONFIG)
-	@echo "== stage 1: PA-MAE" && $(PY) train_ecg.py --config $(CONFIG)
-	@echo "== stage 2: 3D-VAE + latents + template" && $(PY) train_disentangle_vae3d.py --config $(CONFIG)
+	@$(MAKE) --no-print-directory -j2 demo-ecg demo-vae
 	@echo "== stage 3: flow" && $(PY) train_flow.py --config $(CONFIG)
 	@echo "== stage 4: generate the phantom test split" && $(PY) infer_flow.py --config $(CONFIG) --ecg split:test
 	@echo "== stage 4: generate from the five real PTB-XL ECGs" && \
-	  $(PY) infer_flow.py --config $(CONFIG) --ecg examples/ecg --out runs/demo/samples_ptbxl
-	@echo "== evaluation" && $(PY) evaluation.py --config $(CONFIG) --real split:test --fake runs/demo/samples
-	@echo "== done: see runs/demo/eval/report.md and runs/demo/samples/previews/"
+	  $(PY) infer_flow.py --config $(CONFIG) --ecg examples/ecg --out $(RUN)/samples_ptbxl
+	@echo "== evaluation" && $(PY) evaluation.py --config $(CONFIG) --real split:test --fake $(RUN)/samples --fid-frames 10
+	@echo "== done: see $(RUN)/eval/report.md and $(RUN)/samples/previews/"
+
+demo-ecg:
+	@echo "== stage 1: PA-MAE" && OMP_NUM_THREADS=1 $(PY) train_ecg.py --config $(CONFIG) > $(RUN)/stage1.out 2>&1 \
+	  || (tail -30 $(RUN)/stage1.out; exit 1)
+	@tail -3 $(RUN)/stage1.out
+
+demo-vae:
+	@echo "== stage 2: 3D-VAE + latents + template" && OMP_NUM_THREADS=1 $(PY) train_disentangle_vae3d.py --config $(CONFIG) \
+	  > $(RUN)/stage2.out 2>&1 || (tail -30 $(RUN)/stage2.out; exit 1)
+	@tail -3 $(RUN)/stage2.out
 
 prepare: venv
 	$(PY) prepare_data.py --config $(CONFIG)
