@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/demo.yaml
 # Two cores here: keep torch from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
+# Oversubscribed cores make spinning OpenMP threads crawl; passive waiting keeps 2 threads sane.
+export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv demo demo-ecg demo-vae test prepare clean-demo

@@ -54,6 +54,24 @@ def read_wfdb_folder(folder: Path) -> tuple[list[str], np.ndarray]:
     return [h.stem for h in headers], np.stack(ecgs)
 
 
+def plot_records(model, names, ecgs, peaks, mode, out_dir: Path, device) -> None:
+    """Phase plot (lead II, reference R-peaks, predicted vs reference phase, chosen cycle) per record."""
+    from ecgflowcmr.ecg.cycles import select_cycles
+    from ecgflowcmr.ecg.figures import plot_phase
+    from ecgflowcmr.ecg.pamae import sincos_to_phase
+    from ecgflowcmr.ecg.phase import phase_from_rpeaks
+
+    with torch.no_grad():
+        feats = model.encoder.features(torch.from_numpy(ecgs).float().to(device))
+        phase = sincos_to_phase(model.encoder.phase_sincos(feats), ecgs.shape[-1])
+    sel = select_cycles(phase, mode)
+    wraps = sel.wraps.as_lists() if sel.wraps is not None else [[] for _ in names]
+    for b, name in enumerate(names):
+        plot_phase(out_dir / f"phase_{name}.png", ecgs[b, 1], phase_from_rpeaks(peaks[b], ecgs.shape[-1]),
+                   phase[b].cpu().numpy(), int(sel.start[b]), int(sel.end[b]), peaks[b], wraps[b],
+                   bool(sel.fallback[b]), title=f"{name}: predicted vs reference (detect_rpeaks) phase")
+
+
 def time_encoder(checkpoint: Path, ecgs: np.ndarray, batch: int, cycle_mode: str | None) -> float:
     """Median seconds of one CPU forward pass of the encoder on ``batch`` ECGs."""
     enc = load_ecg_encoder(checkpoint, "cpu", cycle_mode)
@@ -81,6 +99,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--time-batch", type=int, default=64, help="batch size of the CPU timing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the metrics here")
+    parser.add_argument("--figures", type=Path,
+                        help="write predicted-vs-reference phase plots of the real records here")
     args = parser.parse_args(argv)
     if args.data is None and args.wfdb is None:
         parser.error("give --data (a prepared dataset) and/or --wfdb (a folder of WFDB records)")
@@ -101,6 +121,8 @@ def main(argv=None) -> dict:
                    for i in range(0, len(ecgs), args.batch_size)]
         columns[f"PTB-XL {args.wfdb.name} (n={len(names)})"] = evaluate(model, batches, device, mode)
         timing_ecgs.append(ecgs)
+        if args.figures is not None:
+            plot_records(model, names, ecgs, peaks, mode, args.figures, device)
     seconds = time_encoder(args.checkpoint, np.concatenate(timing_ecgs), args.time_batch, mode)
 
     print(f"## Stage-1 metrics: {args.checkpoint} (cycle mode: {mode})\n")

@@ -2,21 +2,23 @@
 """Stage 3/4 speed on this machine: seconds per generated video and peak memory, per model size.
 
     python benchmarks/flow_speed.py [--sizes demo ukb] [--steps 1 2 4 10] [--batch 8] [--guidance 2]
-        [--measure-up-to-nfe-demo 40] [--measure-up-to-nfe-ukb 2] [--json benchmarks/flow_speed.json]
+        [--measure-up-to-steps-demo 10] [--measure-up-to-steps-ukb 1] [--json benchmarks/flow_speed.json]
 
 For each size (``configs/<size>.yaml``: ``demo`` or ``ukb``, i.e. hidden 512, depth 8, heads 8) and
 each Euler step count, the DiT ODE integration is run with classifier-free guidance (conditional and
 unconditional passes batched in one forward: 2 x batch rows per call) for ``--batch`` videos. Weights
-are random (speed does not depend on them). Also timed per video: the stage-1 encoder forward and
-the VAE decode at that size, so ``total = encoder + flow + decode`` is the whole ECG -> cine cost.
+are random (speed does not depend on them). Also timed per video (CPU seconds): the stage-1 encoder
+forward and the VAE decode at that size, so ``total = encoder + flow + decode`` is the whole
+ECG -> cine cost.
 Peak memory is the process's resident-set high-water mark (``VmHWM``, reset before each
 measurement) minus the resident set before it, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA.
 
 Euler costs the same forward at every step, so a long run can be extrapolated from a measured one:
-step counts whose number of forward calls exceeds ``--measure-up-to-nfe-<size>`` are reported as
-``measured seconds per forward x NFE`` and flagged ``extrapolated`` (the UK Biobank size takes
-minutes per forward on a 2-core CPU). Last, one training step (forward + backward + AdamW) at demo
-size and batch ``flow.batch_size`` is timed.
+step counts above ``--measure-up-to-steps-<size>`` are reported as ``measured seconds per step x
+steps`` and flagged ``extrapolated`` (the UK Biobank size takes minutes per step on a 2-core CPU).
+Both wall-clock seconds and process CPU seconds are reported: on a shared machine the wall clock
+includes waiting for the cores, the CPU seconds do not (uncontended wall ~ CPU / threads used).
+Last, one training step (forward + backward + AdamW) at demo size and batch ``flow.batch_size``.
 """
 from __future__ import annotations
 
@@ -83,8 +85,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_flow(dit, batch: int, steps: int, guidance: float, ecg_dim: int, device) -> tuple[float, float]:
-    """(seconds for ``batch`` videos, peak MiB) of Euler with guidance, random inputs."""
+def time_flow(dit, batch: int, steps: int, guidance: float, ecg_dim: int, device) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds for ``batch`` videos, peak MiB) of Euler with guidance, random inputs."""
     tokens = torch.randn(batch, 50, ecg_dim, device=device)
     pooled = torch.randn(batch, ecg_dim, device=device)
     anchor = TemplateAnchor(torch.zeros(LATENT[0], 1, *LATENT[2:]), 1.0)
@@ -92,11 +94,11 @@ def time_flow(dit, batch: int, steps: int, guidance: float, ecg_dim: int, device
     model = lambda z, t, tok, pool, drop: dit(z, t, tok, pool, drop)      # noqa: E731
     with PeakMemory(device) as mem, torch.no_grad():
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         integrate(guided_velocity(model, tokens, pooled, guidance), z0, steps, "euler")
         _sync(device)
-        seconds = time.perf_counter() - t0
-    return seconds, mem.mib
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return seconds, cpu, mem.mib
 
 
 def time_encoder(cfg, batch: int, device) -> float:
@@ -108,10 +110,10 @@ def time_encoder(cfg, batch: int, device) -> float:
     with torch.no_grad():
         enc(ecg[:1])
         _sync(device)
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         enc(ecg)
         _sync(device)
-    return (time.perf_counter() - t0) / batch
+    return (time.process_time() - c0) / batch
 
 
 def time_decode(cfg, device, videos: int = 1) -> tuple[float, float]:
@@ -121,10 +123,10 @@ def time_decode(cfg, device, videos: int = 1) -> tuple[float, float]:
     z = torch.randn(videos, cfg.vae.latent_channels, 50, 12, 12, device=device)
     with PeakMemory(device) as mem, torch.no_grad():
         _sync(device)
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         vae.decode(z)
         _sync(device)
-    return (time.perf_counter() - t0) / videos, mem.mib
+    return (time.process_time() - c0) / videos, mem.mib
 
 
 def time_train_step(cfg, device, repeats: int = 3) -> dict:
@@ -135,11 +137,11 @@ def time_train_step(cfg, device, repeats: int = 3) -> dict:
     anchor = TemplateAnchor(torch.zeros(LATENT[0], 1, *LATENT[2:]), fl.alpha)
     z1 = torch.randn(b, *LATENT, device=device)
     tokens, pooled = torch.randn(b, 50, cfg.ecg.width, device=device), torch.randn(b, cfg.ecg.width, device=device)
-    times = []
+    times, cpus = [], []
     for i in range(repeats + 1):
         with PeakMemory(device) as mem:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = flow_matching_loss(dit, z1, anchor, torch.rand(b, device=device), torch.randn_like(z1),
                                       ecg_tokens=tokens, ecg_pooled=pooled)
             opt.zero_grad()
@@ -148,8 +150,9 @@ def time_train_step(cfg, device, repeats: int = 3) -> dict:
             _sync(device)
         if i:                                                 # first step warms up
             times.append(time.perf_counter() - t0)
-    return {"batch": b, "seconds_per_step": statistics.median(times), "seconds_per_sample":
-            statistics.median(times) / b, "peak_mib": mem.mib}
+            cpus.append(time.process_time() - c0)
+    return {"batch": b, "seconds_per_step": statistics.median(times), "cpu_seconds_per_step": statistics.median(cpus),
+            "seconds_per_sample": statistics.median(times) / b, "peak_mib": mem.mib}
 
 
 def main(argv=None) -> int:
@@ -158,8 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 10])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--measure-up-to-nfe-demo", type=int, default=40)
-    parser.add_argument("--measure-up-to-nfe-ukb", type=int, default=2)
+    parser.add_argument("--measure-up-to-steps-demo", type=int, default=10)
+    parser.add_argument("--measure-up-to-steps-ukb", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-decode", action="store_true", help="skip the VAE decode / encoder timings")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "flow_speed.json"))
@@ -176,8 +179,7 @@ def main(argv=None) -> int:
         fl = cfg.flow
         dit = build_dit(fl, LATENT, ecg_dim=cfg.ecg.width).to(device).eval()
         n_params = sum(p.numel() for p in dit.parameters())
-        limit = getattr(args, f"measure_up_to_nfe_{size}", 40)
-        nfe_per_step = 1 if args.guidance == 1.0 else 2       # forward rows per step: batch x (1 or 2)
+        limit = getattr(args, f"measure_up_to_steps_{size}", 10)
         entry = {"hidden": fl.hidden, "depth": fl.depth, "heads": fl.heads, "patch_size": fl.patch_size,
                  "dit_parameters": n_params, "steps": {}}
         print(f"[{size}] DiT {n_params / 1e6:.1f} M parameters (hidden {fl.hidden}, depth {fl.depth}, "
@@ -186,32 +188,36 @@ def main(argv=None) -> int:
         per_step = None
         for steps in sorted(args.steps):
             if per_step is not None and steps > limit:
-                seconds, mib, how = per_step * steps, entry["steps"][str(measured)]["peak_mib"], "extrapolated"
+                seconds, cpu = per_step[0] * steps, per_step[1] * steps
+                mib, how = entry["steps"][str(measured)]["peak_mib"], "extrapolated"
             else:
-                seconds, mib = time_flow(dit, args.batch, steps, args.guidance, cfg.ecg.width, device)
-                per_step, measured, how = seconds / steps, steps, "measured"
-            entry["steps"][str(steps)] = {"seconds_per_video": seconds / args.batch, "peak_mib": mib, "how": how}
-            print(f"  {steps:>2} Euler steps: {seconds / args.batch:8.2f} s/video  peak {mib:7.0f} MiB  ({how})",
-                  flush=True)
+                seconds, cpu, mib = time_flow(dit, args.batch, steps, args.guidance, cfg.ecg.width, device)
+                per_step, measured, how = (seconds / steps, cpu / steps), steps, "measured"
+            entry["steps"][str(steps)] = {"seconds_per_video": seconds / args.batch,
+                                          "cpu_seconds_per_video": cpu / args.batch, "peak_mib": mib, "how": how}
+            print(f"  {steps:>2} Euler steps: {seconds / args.batch:8.2f} s/video wall, {cpu / args.batch:8.2f} CPU-s/video,"
+                  f" peak {mib:7.0f} MiB  ({how})", flush=True)
         if not args.no_decode:
             entry["encoder_seconds_per_video"] = time_encoder(cfg, args.batch, device)
             entry["decode_seconds_per_video"], entry["decode_peak_mib"] = time_decode(cfg, device)
-            print(f"  encoder {entry['encoder_seconds_per_video']:.3f} s/video; VAE decode "
-                  f"{entry['decode_seconds_per_video']:.2f} s/video (peak {entry['decode_peak_mib']:.0f} MiB)", flush=True)
+            print(f"  encoder {entry['encoder_seconds_per_video']:.3f} CPU-s/video; VAE decode "
+                  f"{entry['decode_seconds_per_video']:.2f} CPU-s/video (peak {entry['decode_peak_mib']:.0f} MiB)", flush=True)
         if size == "demo":
             entry["train_step"] = time_train_step(cfg, device)
             ts = entry["train_step"]
-            print(f"  training step (batch {ts['batch']}): {ts['seconds_per_step']:.2f} s "
-                  f"({ts['seconds_per_sample']:.3f} s/sample), peak {ts['peak_mib']:.0f} MiB", flush=True)
+            print(f"  training step (batch {ts['batch']}): {ts['seconds_per_step']:.2f} s wall, "
+                  f"{ts['cpu_seconds_per_step']:.2f} CPU-s ({ts['seconds_per_sample']:.3f} s/sample), "
+                  f"peak {ts['peak_mib']:.0f} MiB", flush=True)
         result["sizes"][size] = entry
         for steps, r in entry["steps"].items():
-            total = r["seconds_per_video"] + entry.get("encoder_seconds_per_video", 0) + \
+            total = r["cpu_seconds_per_video"] + entry.get("encoder_seconds_per_video", 0) + \
                 entry.get("decode_seconds_per_video", 0)
-            rows.append(f"| {size} | {steps} | {r['seconds_per_video']:.2f} | {total:.2f} | "
-                        f"{r['peak_mib']:.0f} | {r['how']} |")
+            rows.append(f"| {size} | {steps} | {r['seconds_per_video']:.2f} | {r['cpu_seconds_per_video']:.2f} | "
+                        f"{total:.2f} | {r['peak_mib']:.0f} | {r['how']} |")
         del dit
-    print("\n| size | Euler steps | flow s/video | total s/video (+encoder+decode) | flow peak MiB | |")
-    print("|---|---|---|---|---|---|")
+    print("\n| size | Euler steps | flow s/video (wall) | flow CPU-s/video | total CPU-s/video (+encoder+decode) "
+          "| flow peak MiB | |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

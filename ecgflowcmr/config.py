@@ -88,11 +88,10 @@ class VAEConfig(TrainLoop):
 
     latent_channels: int = 4
     base_channels: int = 32
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 3 downsamples -> 8x
-    patch_size: int = 1             # pixel-unshuffle p x p before level 0: p * 2**(levels-1) must be 8
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 4 levels = 8x (3 levels: 2x2 patches + 4x)
     num_res_blocks: int = 1
     attention: bool = True          # factorised (spatial, then temporal) self-attention at the bottleneck
-    time_kernel: list[int] = field(default_factory=lambda: [3, 3, 3, 3])  # temporal conv size per level
+    temporal_levels: int = 4        # coarsest levels with 3x3x3 convs (finer: 1x3x3); 4 = all
     time_padding: str = "circular"  # circular (the cine is one R-R cycle) | replicate | zeros
     kl_weight: float = 1e-6         # on the KL summed over latents, per pixel (SD's sum-loss ratio)
     perceptual_weight: float = 0.0  # > 0 needs LPIPS weights in eval.weights_dir
@@ -334,15 +333,14 @@ def _validate(cfg: Config) -> None:
              "must be median, ensemble or window")
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
-    _require(v.patch_size in (1, 2, 4, 8) and v.patch_size * 2 ** (len(v.channel_mult) - 1) == 8,
-             "vae.channel_mult", "needs patch_size * 2**(levels - 1) = 8 (8x spatial compression): "
-             "4 levels with vae.patch_size=1, 3 levels with patch_size=2")
+    _require(1 <= len(v.channel_mult) <= 4, "vae.channel_mult",
+             "needs 1 to 4 levels: 4 levels = 3 downsamplings = 8x; with fewer, the rest of the 8x is "
+             "a pixel-unshuffle (3 levels: 2x2 patches)")
     _require(v.latent_channels >= 1, "vae.latent_channels", "must be >= 1")
     _require(v.base_channels >= 1 and all(m >= 1 for m in v.channel_mult), "vae.base_channels",
              "base_channels and channel_mult entries must be >= 1")
     _require(v.num_res_blocks >= 1, "vae.num_res_blocks", "must be >= 1")
-    _require(len(v.time_kernel) == len(v.channel_mult) and all(k >= 1 and k % 2 == 1 for k in v.time_kernel),
-             "vae.time_kernel", "needs one odd temporal kernel size (1, 3, ...) per level of channel_mult")
+    _require(v.temporal_levels >= 0, "vae.temporal_levels", "must be >= 0 (0: no temporal convolution)")
     _require(v.time_padding in ("circular", "replicate", "zeros"), "vae.time_padding",
              "must be circular, replicate or zeros")
     _require(v.perceptual_frames >= 0, "vae.perceptual_frames", "must be >= 0 (0: all frames)")

@@ -111,7 +111,7 @@ def tiny_config(run_dir: Path, *overrides: str):
     from ecgflowcmr.config import load_config
 
     return load_config(None, [f"run_dir={run_dir}", "device=cpu", "ecg.width=16", "ecg.depth=1", "ecg.heads=2",
-                              "vae.base_channels=8", "vae.channel_mult=[1,1,1,1]", "vae.attention=false",
+                              "vae.base_channels=8", "vae.attention=false",
                               "flow.hidden=32", "flow.depth=1", "flow.heads=2", "flow.patch_size=2",
                               "flow.batch_size=4", "flow.warmup_steps=0", "flow.lr=1e-3", "flow.epochs=2",
                               "flow.log_every=1", "infer.steps=2", "infer.batch_size=3", *overrides])

@@ -134,6 +134,7 @@ def test_alpha_zero_and_zero_velocity_gives_the_decoded_template():
         expected_latents = tpl["template"][None].expand(2, 4, 50, 12, 12)
         assert torch.allclose(latents, expected_latents, atol=1e-5)
         assert torch.allclose(cine, vae.decode(expected_latents).clamp(-1, 1), atol=1e-5)
+        assert torch.allclose(cine[:1], pipe.template_video(), atol=1e-5)    # the template-only baseline
 
 
 def test_seeds_are_per_subject_and_sample():

@@ -295,8 +295,10 @@ def test_dead_worker_stops_cleanly_and_resumes(raw, tmp_path, monkeypatch, prepa
     monkeypatch.setattr(prep, "process_record", _die_on_fourth)
     with pytest.raises(PrepareError, match="worker process died"):
         prepare(cfg, progress=False)
-    done = prep._read_journal(tmp_path / "data" / prep.WORK_DIR / prep.JOURNAL)
-    assert [e["i"] for e in done] == [0, 1, 2]
+    done = [e["i"] for e in prep._read_journal(tmp_path / "data" / prep.WORK_DIR / prep.JOURNAL)]
+    # How many records the surviving worker finishes before the pool notices the death depends on
+    # scheduling; what must hold is that the dead record is not journaled and nothing is twice.
+    assert 3 not in done and len(done) == len(set(done))
     monkeypatch.setattr(prep, "process_record", _ORIGINAL_PROCESS_RECORD)
     prepare(cfg, progress=False)
     for name in ("ecg", "cine", "masks", "rpeaks"):

@@ -18,7 +18,7 @@ from ecgflowcmr.vae.losses import MissingWeightsError, build_lpips
 
 # A tiny but complete configuration: every code path (3D convs, circular time padding, attention,
 # GAN, clips) at a cost of well under a second per step on two CPU cores.
-TINY = ["device=cpu", "vae.base_channels=4", "vae.channel_mult=[1,1,2,2]", "vae.time_kernel=[1,1,3,3]",
+TINY = ["device=cpu", "vae.base_channels=4", "vae.channel_mult=[1,1,2,2]", "vae.temporal_levels=2",
         "vae.batch_size=2", "vae.clip_frames=4", "vae.disc_channels=4", "vae.disc_layers=2",
         "vae.warmup_steps=2", "vae.log_every=1", "vae.lr=1e-3", "vae.disc_lr=1e-3", "vae.disc_weight=0.5",
         "vae.val_every=1"]
@@ -72,13 +72,11 @@ def test_shapes_ukb_config_on_meta_device():
     assert all(p.grad is not None for p in vae.parameters())
 
 
-@pytest.mark.parametrize("patch_size,channel_mult,time_kernel", [(1, [1, 2, 2, 2], [1, 1, 3, 3]),
-                                                                   (2, [1, 2, 2], [1, 3, 3]),
-                                                                   (4, [1, 2], [1, 3])])
-def test_patch_size_variants_compress_8x(patch_size, channel_mult, time_kernel):
-    vae = VAE3D(latent_channels=4, base_channels=4, channel_mult=channel_mult, time_kernel=time_kernel,
-                patch_size=patch_size).eval()
-    assert vae.spatial_factor == 8
+@pytest.mark.parametrize("patch_size,channel_mult", [(1, [1, 2, 2, 2]), (2, [1, 2, 2]), (4, [1, 2])])
+def test_fewer_levels_patchify_and_still_compress_8x(patch_size, channel_mult):
+    vae = VAE3D(latent_channels=4, base_channels=4, channel_mult=channel_mult, temporal_levels=2).eval()
+    assert vae.spatial_factor == 8 and vae.patch_size == patch_size
+    assert vae.time_kernel[-2:] == [3, 3] and vae.time_kernel[:-2] == [1] * (len(channel_mult) - 2)
     x = torch.rand(2, 1, 6, 48, 48) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).mode()
@@ -98,7 +96,7 @@ def test_circular_time_padding_is_shift_equivariant():
     """The cine is one cycle: rolling the input in time rolls the latent (circular padding,
     attention without positions)."""
     torch.manual_seed(0)
-    vae = VAE3D(latent_channels=2, base_channels=4, channel_mult=[1, 1, 2, 2], time_kernel=[3, 3, 3, 3]).eval()
+    vae = VAE3D(latent_channels=2, base_channels=4, channel_mult=[1, 1, 2, 2], temporal_levels=4).eval()
     x = torch.rand(1, 1, 8, 32, 32) * 2 - 1
     with torch.no_grad():
         z = vae.encode(x).mode()
@@ -108,7 +106,7 @@ def test_circular_time_padding_is_shift_equivariant():
 
 def test_round_trip_and_tiny_overfit_reduces_l1():
     torch.manual_seed(0)
-    vae = VAE3D(latent_channels=4, base_channels=8, channel_mult=[1, 1, 2, 2], time_kernel=[1, 1, 3, 3])
+    vae = VAE3D(latent_channels=4, base_channels=8, channel_mult=[1, 1, 2, 2], temporal_levels=2)
     t = torch.linspace(0, 2 * np.pi, 8)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     radius = 0.4 + 0.15 * torch.cos(t)[:, None, None]
@@ -124,7 +122,7 @@ def test_round_trip_and_tiny_overfit_reduces_l1():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        first = float(l1) if first is None else first
+        first = float(l1.detach()) if first is None else first
     vae.eval()
     with torch.no_grad():
         final = float((vae.decode(vae.encode(x).mode()) - x).abs().mean())
@@ -328,7 +326,7 @@ def test_lpips_loads_trunk_and_heads_strictly(tmp_path, monkeypatch):
 
 def _tiny_vae(seed: int = 0) -> VAE3D:
     torch.manual_seed(seed)
-    return VAE3D(latent_channels=3, base_channels=4, channel_mult=[1, 1, 1, 1], time_kernel=[1, 1, 1, 1],
+    return VAE3D(latent_channels=3, base_channels=4, channel_mult=[1, 1, 1, 1], temporal_levels=0,
                  attention=False).eval()
 
 

@@ -176,7 +176,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
             for key in sums:
                 sums[key] += float(losses[key].detach())
             n += 1
-            bar.set_postfix(rec=f"{float(losses['rec']):.4f}", phase=f"{float(losses['phase']):.4f}")
+            bar.set_postfix(rec=f"{losses['rec'].item():.4f}", phase=f"{losses['phase'].item():.4f}")
             if step % e.log_every == 0:
                 log.info("step %d  loss %.4f  rec %.4f  phase %.4f  grad %.2f  lr %.2e", step,
                          float(losses["loss"]), float(losses["rec"]), float(losses["phase"]), grad_norm,

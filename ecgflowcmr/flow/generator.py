@@ -273,6 +273,14 @@ class ECGToCine:
         return torch.cat(cines, 0), latents.cpu()
 
     @torch.no_grad()
+    def template_video(self) -> torch.Tensor:
+        """The decoded template, the same anatomy in all 50 frames: ``(1, 1, 50, 96, 96)`` (the
+        "template only" baseline: what generation gives with alpha 0 and no flow)."""
+        c, t, h, w = self.latent_shape
+        latent = self.template["template"].float().expand(c, t, h, w)[None]
+        return self.vae.decode(latent.to(self.device)).float().clamp(-1, 1).cpu()
+
+    @torch.no_grad()
     def generate(self, ecg: torch.Tensor, seeds: list[int], sampler: str = "euler", steps: int = 10,
                  guidance: float = 1.0, cycle=None) -> Generated:
         """``ecg (B, 12, 5000)`` + one seed per row -> ``Generated``. ``cycle``: a precomputed

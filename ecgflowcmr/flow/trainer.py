@@ -10,7 +10,7 @@ Reads what stages 1 and 2 wrote (and refuses, naming the file and the stage, wit
 
 It never runs the VAE encoder: the flow trains on the cached latents. With a frozen encoder
 (``flow.ecg_finetune=false``, the default) the ECG tokens of every train/val subject are computed
-once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>/``; with fine-tuning the encoder
+once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>_<cycle mode>/``; with fine-tuning the encoder
 runs on every batch and is trained at ``flow.ecg_lr``.
 
 Writes ``flow/last.pt`` every epoch and when ``flow.max_steps`` stops the run (exact resume, also
@@ -265,6 +265,8 @@ def _config_diffs(old: dict, new: dict) -> list[str]:
     """Differences that make ``last.pt`` a different run (flow section except RESUMABLE_KEYS, seed)."""
     diffs = [f"flow.{k}: {old.get('flow', {}).get(k)!r} -> {v!r}" for k, v in new["flow"].items()
              if k not in RESUMABLE_KEYS and old.get("flow", {}).get(k) != v]
+    if old.get("ecg", {}).get("cycle_mode") != new["ecg"]["cycle_mode"]:      # picks the ECG tokens
+        diffs.append(f"ecg.cycle_mode: {old.get('ecg', {}).get('cycle_mode')!r} -> {new['ecg']['cycle_mode']!r}")
     if old.get("seed") != new["seed"]:
         diffs.append(f"seed: {old.get('seed')!r} -> {new['seed']!r}")
     return diffs
@@ -351,7 +353,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
             p.requires_grad_(False)
         caches = {}
         for s in LATENT_SPLITS:
-            folder = out / "ecg_cache" / ecg_spec["hash"] / s
+            folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}" / s
             if udist.is_main() and not ConditionCache.valid(folder, len(splits[s])):
                 log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
                 ConditionCache.build(folder, encoder, prepared.ecg, splits[s].prepared_index, device,

@@ -104,7 +104,7 @@ class VAETrainer:
 
     # -- randomness of one step ---------------------------------------------------------------
     def _generators(self) -> tuple[torch.Generator, torch.Generator]:
-        seed = (self.cfg.seed * 1_000_003 + rank() * 10_007 + self.step) % (2 ** 63)
+        seed = ((self.cfg.seed * 1_000_003 + rank()) * 2_147_483_647 + self.step) % (2 ** 63)
         cpu = torch.Generator().manual_seed(seed)
         dev = cpu if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(seed)
         return cpu, dev
