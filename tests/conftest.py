@@ -20,8 +20,6 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def write_fake_prepared(root: Path, n: int = 12, seed: int = 0, masks: bool = True) -> Path:
     """A prepared dataset in the exact on-disk format, filled with random data (plumbing only)."""
-    import pandas as pd
-
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     np.save(root / "ecg.npy", rng.normal(size=(n, 12, 5000)).astype(np.float32) * 0.1)
@@ -33,6 +31,13 @@ def write_fake_prepared(root: Path, n: int = 12, seed: int = 0, masks: bool = Tr
         peaks = np.arange(200, 5000, 500) + int(rng.integers(-50, 50))
         rpeaks[i, : len(peaks)] = peaks
     np.save(root / "rpeaks.npy", rpeaks)
+    return write_prepared_tables(root, n)
+
+
+def write_prepared_tables(root: Path, n: int) -> Path:
+    """The tables of a prepared dataset for ``n`` subjects S0000.. (n-4 train, 2 val, 2 test)."""
+    import pandas as pd
+
     split = ["train"] * (n - 4) + ["val"] * 2 + ["test"] * 2
     ids = [f"S{i:04d}" for i in range(n)]
     pd.DataFrame({"index": range(n), "subject_id": ids, "split": split}).to_csv(root / "subjects.csv", index=False)

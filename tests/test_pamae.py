@@ -17,6 +17,8 @@ from ecgflowcmr.ecg.encoder import CycleOutput, ECGEncoder, load_ecg_encoder
 from ecgflowcmr.ecg.pamae import PAMAE, pamae_losses, random_mask, sincos_to_phase
 from ecgflowcmr.ecg.phase import phase_from_rpeaks
 
+from .conftest import write_prepared_tables
+
 ROOT = Path(__file__).resolve().parents[1]
 L, FS, P = 5000, 500, 625
 # built on the dataclass defaults, not on configs/demo.yaml, so that tuning the demo changes no test
@@ -44,8 +46,6 @@ def synthetic_ecg(bpm: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def write_synthetic_prepared(root: Path, n: int = 12, seed: int = 0) -> Path:
     """A prepared dataset (exact on-disk format) of synthetic ECGs with known R-peaks."""
-    import pandas as pd
-
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     ecgs, rpeaks = [], np.full((n, 32), -1, dtype=np.int32)
@@ -56,15 +56,7 @@ def write_synthetic_prepared(root: Path, n: int = 12, seed: int = 0) -> Path:
     np.save(root / "ecg.npy", np.stack(ecgs))
     np.save(root / "cine.npy", np.zeros((n, 50, 96, 96), dtype=np.uint8))
     np.save(root / "rpeaks.npy", rpeaks)
-    split = ["train"] * (n - 4) + ["val"] * 2 + ["test"] * 2
-    ids = [f"S{i:04d}" for i in range(n)]
-    pd.DataFrame({"index": range(n), "subject_id": ids, "split": split}).to_csv(root / "subjects.csv", index=False)
-    (root / "splits.json").write_text(json.dumps({s: [i for i, sp in zip(ids, split) if sp == s]
-                                                  for s in ("train", "val", "test")}))
-    (root / "qc_report.csv").write_text("subject_id,file,reason\n")
-    (root / "meta.json").write_text(json.dumps({"n": n, "ecg_fs": 500, "num_frames": 50,
-                                                "image_size": 96, "complete": True}))
-    return root
+    return write_prepared_tables(root, n)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +164,7 @@ def test_short_training_lowers_both_losses(synth_data):
             return {k: float(v) for k, v in pamae_losses(out, label, 1.0).items()}
 
     before = losses()
-    for step in range(25):
+    for step in range(20):
         idx = torch.randperm(len(ecg))[:4]
         loss = pamae_losses(model(ecg[idx]), label[idx], 1.0)["loss"]
         opt.zero_grad()
@@ -265,7 +257,7 @@ def test_metrics_script_prints_a_table(trained_run, synth_data):
     run_dir, _ = trained_run
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ecg_metrics.py"), "--checkpoint",
                              str(run_dir / "ecg" / "best.pt"), "--data", str(synth_data), "--split", "test",
-                             "--wfdb", str(ROOT / "examples" / "ecg"), "--time-batch", "4"],
+                             "--wfdb", str(ROOT / "examples" / "ecg"), "--time-batch", "2"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "| phase_mae |" in result.stdout and "PTB-XL" in result.stdout

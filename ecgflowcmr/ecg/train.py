@@ -53,7 +53,8 @@ def _check_resumable(ckpt: dict, cfg: Config, path) -> None:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
     if diffs:
         raise ConfigError(f"'{path}' was written with a different configuration ({'; '.join(diffs)}). "
-                           f"Pass --fresh to start over, or choose another run_dir=.")
+                          f"Start over with train_ecg.py --fresh (or delete '{path.parent}'), or choose "
+                          f"another run_dir=.")
 
 
 def _figures(model: PAMAE, dataset: ECGPhaseDataset, out_dir, device, cycle_mode: str, epoch: int) -> None:
@@ -93,26 +94,28 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False) -> dict:
 def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict:
     e = cfg.ecg
     require_file(cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)")
-    out_dir = stage_dir(cfg, "ecg")
-    log = setup_logging(out_dir / "train.log")
-    history = JsonlLog(out_dir / "log.jsonl")
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-
-    ckpt = None
+    last_path = cfg.stage_dir("ecg") / "last.pt"
+    best_path = cfg.stage_dir("ecg") / "best.pt"
     if resume and fresh:
         raise ConfigError("--resume and --fresh contradict each other")
+    ckpt = None
     if resume:
         ckpt = load_checkpoint(last_path, stage_hint="train_ecg.py (nothing to resume)")
     elif last_path.is_file() and not fresh:
         ckpt = load_checkpoint(last_path)
-        log.info("found %s: resuming it (pass --fresh to start over)", last_path)
-    if ckpt is not None:
+    if ckpt is not None:                 # before anything is written over the run's config
         _check_resumable(ckpt, cfg, last_path)
+    out_dir = stage_dir(cfg, "ecg")
+    log = setup_logging(out_dir / "train.log")
+    history = JsonlLog(out_dir / "log.jsonl")
+    if ckpt is not None:
         done_epochs = int(ckpt["epoch"])
         if done_epochs >= e.epochs or (e.max_steps and int(ckpt["step"]) >= e.max_steps):
-            log.info("stage 1 already complete (%d epochs, %d steps in %s); nothing to do",
-                     done_epochs, int(ckpt["step"]), last_path)
+            log.info("stage 1 already complete (%d epochs, %d steps in %s); nothing to do "
+                     "(train_ecg.py --fresh starts over)", done_epochs, int(ckpt["step"]), last_path)
             return ckpt["extra"].get("val", {})
+        log.info("resuming %s at epoch %d, step %d (train_ecg.py --fresh starts over)",
+                 last_path, done_epochs, int(ckpt["step"]))
 
     seed_everything(cfg.seed)
     train_set = ECGPhaseDataset(cfg.data_root, "train")
