@@ -10,8 +10,9 @@ unconditional passes batched in one forward: 2 x batch rows per call) for ``--ba
 are random (speed does not depend on them). Also timed per video (CPU seconds): the stage-1 encoder
 forward and the VAE decode at that size, so ``total = encoder + flow + decode`` is the whole
 ECG -> cine cost.
-Peak memory is the process's resident-set high-water mark (``VmHWM``, reset before each
-measurement) minus the resident set before it, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA.
+Peak memory is the process's resident-set high-water mark during the measurement (``VmHWM``, reset
+before it; weights and the Python process included) on CPU; ``torch.cuda.max_memory_allocated`` on
+CUDA.
 
 Euler costs the same forward at every step, so a long run can be extrapolated from a measured one:
 step counts above ``--measure-up-to-steps-<size>`` are reported as ``measured seconds per step x
@@ -53,7 +54,8 @@ def _rss_kb(field: str) -> int:
 
 
 class PeakMemory:
-    """Peak extra memory (MiB) of the enclosed block: CUDA allocator, or CPU RSS high-water mark."""
+    """Peak memory (MiB) during the enclosed block: CUDA allocator, or the process's CPU RSS
+    high-water mark (``/proc/self/clear_refs`` resets it first)."""
 
     def __init__(self, device: torch.device):
         self.device, self.mib = device, float("nan")
@@ -62,22 +64,20 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
         else:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
             except OSError:
                 pass
-            self.base = _rss_kb("VmRSS:") * 1024
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+            self.mib = torch.cuda.max_memory_allocated() / 2 ** 20
         else:
-            self.mib = (_rss_kb("VmHWM:") * 1024 - self.base) / 2 ** 20
+            self.mib = _rss_kb("VmHWM:") / 2 ** 10
 
 
 def _sync(device):
