@@ -1,0 +1,64 @@
+"""The phantom benchmark script's plumbing (its numbers come from running it; see the README)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("phantom_bench", ROOT / "benchmarks" / "phantom.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_lists_every_variant_and_hides_private_columns(bench, tmp_path):
+    rows = {"full": {"psnr": 20.123456, "ssim": 0.5, "fid": None, "n_videos": 3, "_es_frames": [1, 2, 3]},
+            "template_only": {"psnr": 10.0, "ssim": 0.1, "fid": 300.0, "n_videos": 3, "_es_frames": [0, 0, 0]}}
+    text = bench.write_table(rows, {"faithfulness": {"n": 3}}, tmp_path, "configs/x.yaml")
+    lines = text.splitlines()
+    assert lines[0] == "# Phantom benchmark (configs/x.yaml, test split, n = 3)"
+    full = next(line for line in lines if line.startswith("| full |"))
+    assert "| 20.123 | 0.500 | n/a |" in full
+    assert any(line.startswith("| template_only |") for line in lines)
+    assert (tmp_path / "phantom_bench.md").read_text() == text
+    saved = json.loads((tmp_path / "phantom_bench.json").read_text())
+    assert saved["rows"]["full"] == {"psnr": 20.123456, "ssim": 0.5, "fid": None, "n_videos": 3}
+    assert saved["faithfulness"] == {"n": 3}
+
+
+def test_failed_stage_names_the_script_and_shows_its_log(bench, tmp_path):
+    log = tmp_path / "logs" / "stage.log"
+    with pytest.raises(RuntimeError, match=r"no_such_stage\.py failed \(exit 2\).*stage\.log"):
+        bench.run_stage("no_such_stage.py", "configs/demo.yaml", [], log=log, threads=1)
+    assert "no_such_stage.py" in log.read_text()
+
+
+def test_unknown_variant_is_refused_by_name(bench, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["phantom.py", "--config", str(ROOT / "configs" / "demo.yaml"),
+                                      "--only", "full,alpha_7"])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "alpha_7" in capsys.readouterr().err
+
+
+def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
+    from ecgflowcmr.config import load_config
+
+    base = load_config(str(ROOT / "configs" / "phantom_bench.yaml"))
+    no_pamae = load_config(str(ROOT / "configs" / "phantom_bench.yaml"), bench.TRAINED["no_pamae"][0])
+    assert (no_pamae.ecg.phase_weight, no_pamae.ecg.cycle_mode) == (0.0, "window")
+    assert load_config(str(ROOT / "configs" / "phantom_bench.yaml"),
+                       bench.TRAINED["no_template"][0]).flow.use_template is False
+    alphas = {load_config(str(ROOT / "configs" / "phantom_bench.yaml"), bench.TRAINED[n][0]).flow.alpha
+              for n in bench.TRAINED if n.startswith("alpha_")}
+    assert alphas | {base.flow.alpha} == {0.25, 0.5, 1.0, 1.5}
+    assert {(s, k) for s, k, _ in bench.SAMPLED.values()} >= {("euler", 1), ("euler", 2), ("euler", 4),
+                                                               ("euler", 10), ("heun", 5)}
+    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0}
