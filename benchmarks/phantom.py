@@ -255,6 +255,16 @@ def fmt(v, digits=3):
 
 
 def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
+    """Write ``phantom_bench.{md,json}`` in ``out``. Rows of an earlier table of the same config are
+    kept unless re-scored, so ``--only`` adds or refreshes rows of a finished benchmark."""
+    previous = out / "phantom_bench.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("config") == cfg_path:
+            rows = {**old.pop("rows", {}), **rows}
+            extra = {**old, **extra, "checkpoints": {**old.get("checkpoints", {}), **extra.get("checkpoints", {})}}
+    order = [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS]
+    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     cols = ["psnr", "ssim", "lpips", "fid", "fvd", "es_frame_error_median", "es_frame_corr", "curve_corr", "ef_area_mae",
             "seconds_per_video"]
     lines = [f"# Phantom benchmark ({cfg_path}, test split, n = {next(iter(rows.values()))['n_videos']})", "",
