@@ -144,3 +144,27 @@ def test_seeds_are_per_subject_and_sample():
     a = seeded_noise_batch([5, 6], (4, 2, 3, 3))
     b = seeded_noise_batch([6], (4, 2, 3, 3))
     assert torch.equal(a[1], b[0])                 # a sample's noise does not depend on its batch
+
+
+def test_null_ecg_validation_loss_measures_how_much_the_model_uses_the_ecg():
+    from ecgflowcmr.flow.trainer import validation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    items = [{"row": i, "z1": torch.randn(2, 3, 4, 4, generator=gen), "tokens": torch.randn(5, 6, generator=gen),
+              "pooled": torch.randn(6, generator=gen)} for i in range(5)]
+    anchor = TemplateAnchor(torch.zeros(2, 1, 4, 4), alpha=1.0)
+    drops = []
+
+    def ignores_ecg(z_t, t, ecg_tokens, ecg_pooled, drop=None):
+        drops.append(drop)
+        return -z_t
+
+    def uses_ecg(z_t, t, ecg_tokens, ecg_pooled, drop=None):
+        scale = ecg_pooled.mean(1) if drop is None else torch.where(drop, 0.0, ecg_pooled.mean(1))
+        return -z_t + scale.view(-1, 1, 1, 1, 1)
+
+    kw = dict(dataset=items, anchor=anchor, device=torch.device("cpu"), batch_size=2, seed=0, amp=False)
+    assert validation_loss(ignores_ecg, **kw, unconditional=True) == validation_loss(ignores_ecg, **kw)
+    assert all(d is None for d in drops[len(drops) // 2:])
+    assert all(bool(d.all()) and d.shape == (len(d),) for d in drops[:len(drops) // 2])
+    assert validation_loss(uses_ecg, **kw, unconditional=True) != pytest.approx(validation_loss(uses_ecg, **kw))

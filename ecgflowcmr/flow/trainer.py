@@ -203,9 +203,11 @@ def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: floa
 
 @torch.no_grad()
 def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
-                    batch_size: int, seed: int, amp: bool = True) -> float:
+                    batch_size: int, seed: int, amp: bool = True, unconditional: bool = False) -> float:
     """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
-    and noise from per-row seeds. Same weights -> same number, whatever the batch or world size."""
+    and noise from per-row seeds. Same weights -> same number, whatever the batch or world size.
+    ``unconditional``: with the null condition for every row (the CFG branch). Its excess over the
+    conditional loss is how much the model uses the ECG (0 = it ignores it)."""
     if len(dataset) == 0:
         return float("nan")
     grid = validation_t_grid(VAL_T_POINTS)
@@ -216,6 +218,8 @@ def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device:
         batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
         z1 = batch["z1"].to(device)
         cond = _condition(batch, device)
+        if unconditional:
+            cond["drop"] = torch.ones(z1.shape[0], dtype=torch.bool, device=device)
         for j, t_val in enumerate(grid):
             noise = torch.stack([seeded_noise(tuple(z1.shape[1:]), sample_seed(seed, f"val{r}", j))
                                  for r in batch["row"].tolist()]).to(device)
@@ -502,6 +506,8 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
             ema.module.eval()
             record["val_loss"] = validation_loss(ema.module, datasets["val"], anchor, device,
                                                  max(fl.batch_size, 8), cfg.seed, amp)
+            record["val_loss_uncond"] = validation_loss(ema.module, datasets["val"], anchor, device,
+                                                        max(fl.batch_size, 8), cfg.seed, amp, unconditional=True)
         history.append(record)
         jsonl.write(**record)
         val = record.get("val_loss", math.nan)
@@ -515,8 +521,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
             if improved or not best_path.is_file():
                 atomic_save(ckpt, best_path)
             del ckpt
-        log.info("epoch %d step %d: train %.5f val %s%s", epoch, step, train_loss,
-                 f"{val:.5f}" if not math.isnan(val) else "-", " (best)" if improved else "")
+        uncond = record.get("val_loss_uncond", math.nan)
+        log.info("epoch %d step %d: train %.5f val %s%s%s", epoch, step, train_loss,
+                 f"{val:.5f}" if not math.isnan(val) else "-",
+                 f" (null ECG {uncond:.5f})" if not math.isnan(uncond) else "", " (best)" if improved else "")
         if fl.sample_every > 0 and (epoch % fl.sample_every == 0 or epoch >= fl.epochs or stopped_early):
             preview(f"epoch{epoch:03d}" + (f"_step{step}" if stopped_early else ""))
         udist.barrier()
