@@ -9,7 +9,9 @@ prepared data, VAE and cached latents (and its stage-1 encoder unless the varian
 every variant is trained on identical latents. Finished stages are skipped on re-runs.
 Sampling variants reuse the full model's checkpoint. Baselines:
   * nearest neighbour: the training cine whose ECG is nearest (cosine, pooled stage-1 features);
-  * template only: the decoded template, the same static frame 50 times (animated by nothing).
+  * template only: the decoded template, the same static frame 50 times (animated by nothing);
+  * population mean: no cine, only readouts: every test subject gets the training split's median ES
+    frame and mean area-EF (the functional columns a generator must beat to show it reads the ECG).
 Ceiling: ``vae_reconstruction``, the real test cine through the VAE (posterior mean, decoded): what
 any generator over these latents could reach at best.
 Every variant is scored on the test split against the phantom's ground truth. Writes
@@ -48,6 +50,7 @@ TRAINED = {
     "alpha_0.25": (["flow.alpha=0.25"], False),
     "alpha_0.5": (["flow.alpha=0.5"], False),
     "alpha_1.5": (["flow.alpha=1.5"], False),
+    "full_3x": (["flow.epochs=60"], False),  # 3x the flow steps: how far is the full model compute-bound?
 }
 # name -> (sampler, steps, guidance), all from the full model. alpha 1.0 = "full".
 SAMPLED = {
@@ -59,7 +62,7 @@ SAMPLED = {
     "heun_10": ("heun", 10, 1.0),
     "guidance_2": ("euler", 10, 2.0),
 }
-BASELINES = ("nearest_neighbour", "template_only")
+BASELINES = ("nearest_neighbour", "template_only", "population_mean")
 CEILINGS = ("vae_reconstruction",)
 
 
@@ -112,7 +115,7 @@ def train_variants(cfg_path: str, cfg, names: list[str], extra: list[str], jobs:
         if name != "full":
             for shared in ["vae", "latents"] + ([] if retrain_ecg else ["ecg"]):
                 link(base / shared, run_dir / shared)
-        run = [f"run_dir={run_dir}", f"data.root={cfg.data_root.resolve()}", *extra, *overrides]
+        run = [*extra, f"run_dir={run_dir}", f"data.root={cfg.data_root.resolve()}", *overrides]
         t0 = time.perf_counter()
         if retrain_ecg:
             run_stage("train_ecg.py", cfg_path, run, logs / f"{name}_ecg.log", threads)
@@ -141,6 +144,15 @@ class Scorer:
         self.gt_es = gt["es_frame"].to_numpy(np.float64)
         self.gt_ef = gt["ef_area"].to_numpy(np.float64)
         self.true_curves = functional.lv_area_curves(np.asarray(self.prepared.masks[self.test]))
+
+    def population_mean(self) -> dict:
+        """Readouts only: the training median ES frame and mean area-EF for every test subject."""
+        train = self.prepared.subjects.iloc[self.prepared.split_indices("train")]
+        es = np.full(len(self.test), float(np.median(train["es_frame"])))
+        ef = np.full(len(self.test), float(np.mean(train["ef_area"])))
+        es_err = functional.circular_frame_error(es, self.gt_es)
+        return {"es_frame_error_median": float(np.median(es_err)), "es_frame_error_mean": float(np.mean(es_err)),
+                "ef_area_mae": float(np.mean(np.abs(ef - self.gt_ef))), "n_videos": int(len(self.test))}
 
     def score(self, cines: np.ndarray, seconds_per_video: float | None) -> dict:
         """``cines`` (N_test, 1, 50, 96, 96) in [-1, 1], rows in test-split order."""
@@ -330,6 +342,8 @@ def main() -> None:
         rows["nearest_neighbour"] = scorer.score(cines, spv)
     if "template_only" in wanted:
         rows["template_only"] = scorer.score(template_only(full, len(scorer.ids)), None)
+    if "population_mean" in wanted:
+        rows["population_mean"] = scorer.population_mean()
     if "vae_reconstruction" in wanted:
         rows["vae_reconstruction"] = scorer.score(vae_reconstruction(full, scorer.prepared, scorer.test, batch), None)
     extra = {"config": args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
