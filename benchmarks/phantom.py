@@ -292,8 +292,9 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
               "(see evaluation.py); ES-frame error (frames, median) and area-EF MAE (points) against the "
               "phantom's ground truth, es_frame_corr = Pearson r of generated and true ES frames over subjects; "
               "curve correlation (per video, then mean) against the ground-truth mask curves.", ""]
-    if extra.get("faithfulness"):
-        lines += ["## ECG swap", "", "```", json.dumps(extra["faithfulness"], indent=1), "```"]
+    for key in sorted(k for k in extra if k.startswith("faithfulness")):
+        model = key.partition("faithfulness_")[2] or "full"
+        lines += [f"## ECG swap ({model})", "", "```", json.dumps(extra[key], indent=1), "```", ""]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "phantom_bench.md").write_text(text)
@@ -308,6 +309,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     parser.add_argument("--no-train", action="store_true", help="only score runs that already exist")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (default 1)")
+    parser.add_argument("--swap-model", default="full", choices=list(TRAINED),
+                        help="the trained variant the ECG-swap test uses (default full)")
     parser.add_argument("--fid-frames", type=int, default=10,
                         help="frames per video entering FID (evenly spaced; 0 = all 50)")
     parser.add_argument("overrides", nargs="*")
@@ -325,7 +328,8 @@ def main() -> None:
         ckpts = {n: (base if n == "full" else base / "ablations" / n) / "flow" / "best.pt" for n in trained}
     else:
         ckpts = train_variants(args.config, cfg, sorted(set(trained) | {"full"}), args.overrides, args.jobs)
-    ckpts.setdefault("full", cfg.run_path / "flow" / "best.pt")
+    for name in ("full", args.swap_model):
+        ckpts.setdefault(name, (cfg.run_path if name == "full" else cfg.run_path / "ablations" / name) / "flow" / "best.pt")
     out = cfg.run_path / "bench"
     scorer = Scorer(cfg, out, device, fid_frames=args.fid_frames or None)
     ecg = np.asarray(scorer.prepared.ecg[scorer.test], dtype=np.float32)
@@ -355,7 +359,9 @@ def main() -> None:
              "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
              "device": str(device), "torch_threads": torch.get_num_threads()}
     if "faithfulness" in wanted:
-        extra["faithfulness"] = faithfulness(full, scorer, ecg, seed, batch, inf.steps)
+        model = full if args.swap_model == "full" else ECGToCine.from_checkpoint(ckpts[args.swap_model], device)
+        key = "faithfulness" + ("" if args.swap_model == "full" else f"_{args.swap_model}")
+        extra[key] = faithfulness(model, scorer, ecg, seed, batch, inf.steps)
     print(write_table(rows, extra, out, args.config))
 
 

@@ -21,7 +21,8 @@ def bench():
 def test_table_lists_every_variant_and_hides_private_columns(bench, tmp_path):
     rows = {"full": {"psnr": 20.123456, "ssim": 0.5, "fid": None, "n_videos": 3, "_es_frames": [1, 2, 3]},
             "template_only": {"psnr": 10.0, "ssim": 0.1, "fid": 300.0, "n_videos": 3, "_es_frames": [0, 0, 0]}}
-    text = bench.write_table(rows, {"faithfulness": {"n": 3}}, tmp_path, "configs/x.yaml")
+    text = bench.write_table(rows, {"faithfulness": {"n": 3}, "faithfulness_full_3x": {"n": 4}}, tmp_path,
+                             "configs/x.yaml")
     lines = text.splitlines()
     assert lines[0] == "# Phantom benchmark (configs/x.yaml, test split, n = 3)"
     full = next(line for line in lines if line.startswith("| full |"))
@@ -31,6 +32,7 @@ def test_table_lists_every_variant_and_hides_private_columns(bench, tmp_path):
     saved = json.loads((tmp_path / "phantom_bench.json").read_text())
     assert saved["rows"]["full"] == {"psnr": 20.123456, "ssim": 0.5, "fid": None, "n_videos": 3}
     assert saved["faithfulness"] == {"n": 3}
+    assert "## ECG swap (full)" in text and "## ECG swap (full_3x)" in text
 
 
 def test_failed_stage_names_the_script_and_shows_its_log(bench, tmp_path):
