@@ -178,8 +178,11 @@ class Scorer:
             n_videos=int(len(cines)))
         es = functional.es_frame(curves).astype(np.float64)
         row["es_frame_corr"] = float(np.corrcoef(es, self.gt_es)[0, 1]) if np.std(es) > 0 else None
+        ef = functional.ef_area(curves).astype(np.float64)
+        ok = np.isfinite(ef)
+        row["ef_area_corr"] = float(np.corrcoef(ef[ok], self.gt_ef[ok])[0, 1]) if np.std(ef[ok]) > 0 else None
         row["_es_frames"] = es.tolist()
-        row["_ef_area"] = functional.ef_area(curves).astype(np.float64).tolist()
+        row["_ef_area"] = ef.tolist()
         return row
 
 
@@ -282,15 +285,16 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
             extra = {**old, **extra, "checkpoints": {**old.get("checkpoints", {}), **extra.get("checkpoints", {})}}
     order = [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS]
     rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    cols = ["psnr", "ssim", "lpips", "fid", "fvd", "es_frame_error_median", "es_frame_corr", "curve_corr", "ef_area_mae",
-            "seconds_per_video"]
+    cols = ["psnr", "ssim", "lpips", "fid", "fvd", "es_frame_error_median", "es_frame_corr", "curve_corr",
+            "ef_area_mae", "ef_area_corr", "seconds_per_video"]
     lines = [f"# Phantom benchmark ({cfg_path}, test split, n = {next(iter(rows.values()))['n_videos']})", "",
              "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
     lines += ["", "PSNR/SSIM/LPIPS paired with the real test cine; FID/FVD n/a where the weights are absent "
               "(see evaluation.py); ES-frame error (frames, median) and area-EF MAE (points) against the "
-              "phantom's ground truth, es_frame_corr = Pearson r of generated and true ES frames over subjects; "
+              "phantom's ground truth, es_frame_corr / ef_area_corr = Pearson r of generated and true ES frame / area-EF over "
+              "subjects (n/a: not scored by this version or a constant); "
               "curve correlation (per video, then mean) against the ground-truth mask curves.", ""]
     for key in sorted(k for k in extra if k.startswith("faithfulness")):
         model = key.partition("faithfulness_")[2] or "full"
