@@ -89,3 +89,19 @@ def test_cosine_schedule_shape():
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_checkpoint_to_resume_follows_the_resume_and_fresh_flags(tmp_path):
+    from ecgflowcmr.config import ConfigError
+    from ecgflowcmr.utils.checkpoint import atomic_save, checkpoint_to_resume
+
+    last = tmp_path / "last.pt"
+    assert checkpoint_to_resume(last, resume=False, fresh=False, script="train_x.py") is None
+    with pytest.raises(FileNotFoundError, match=r"last\.pt.*train_x\.py \(nothing to resume\)"):
+        checkpoint_to_resume(last, resume=True, fresh=False, script="train_x.py")
+    atomic_save({"step": 7}, last)
+    assert checkpoint_to_resume(last, resume=False, fresh=False, script="train_x.py") == {"step": 7}
+    assert checkpoint_to_resume(last, resume=True, fresh=False, script="train_x.py") == {"step": 7}
+    assert checkpoint_to_resume(last, resume=False, fresh=True, script="train_x.py") is None
+    with pytest.raises(ConfigError, match="--resume and --fresh contradict each other"):
+        checkpoint_to_resume(last, resume=True, fresh=True, script="train_x.py")

@@ -19,6 +19,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_reconstruction(path: str | Path, target: np.ndarray, recon: np.ndarray, mask: np.ndarray,
                         stride: int = 8, leads=("I", "II", "V1", "V5"), seconds: float = 4.0,
                         title: str = "") -> Path:
@@ -37,12 +47,7 @@ def plot_reconstruction(path: str | Path, target: np.ndarray, recon: np.ndarray,
     np.atleast_1d(axes)[0].legend(loc="upper right", fontsize=8)
     np.atleast_1d(axes)[-1].set_xlabel("time (s); grey = masked positions")
     fig.suptitle(title or "PA-MAE reconstruction (lead-normalised)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_phase(path: str | Path, ecg_lead: np.ndarray, true_phase: np.ndarray, pred_phase: np.ndarray,
@@ -69,9 +74,4 @@ def plot_phase(path: str | Path, ecg_lead: np.ndarray, true_phase: np.ndarray, p
     ax1.set_ylim(-0.2, 2 * np.pi + 0.2)
     ax1.legend(loc="upper right", fontsize=8)
     fig.suptitle(title or "predicted vs true cardiac phase")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
-from ..utils.checkpoint import atomic_save, load_checkpoint, make_checkpoint, restore_checkpoint, state_hash
+from ..utils.checkpoint import (atomic_save, checkpoint_to_resume, make_checkpoint,
+                                restore_checkpoint, state_hash)
 from ..utils.device import autocast, select_device
 from ..utils.dist import (barrier, cleanup, init_distributed, is_main, make_loader, rank, set_loader_epoch,
                           wrap_ddp)
@@ -96,13 +97,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
     require_file(cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)")
     last_path = cfg.stage_dir("ecg") / "last.pt"
     best_path = cfg.stage_dir("ecg") / "best.pt"
-    if resume and fresh:
-        raise ConfigError("--resume and --fresh contradict each other")
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(last_path, stage_hint="train_ecg.py (nothing to resume)")
-    elif last_path.is_file() and not fresh:
-        ckpt = load_checkpoint(last_path)
+    ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_ecg.py")
     if ckpt is not None:                 # before anything is written over the run's config
         _check_resumable(ckpt, cfg, last_path)
     out_dir = stage_dir(cfg, "ecg")

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError
 from ..utils import dist as udist
-from ..utils.checkpoint import atomic_save, load_checkpoint, make_checkpoint, restore_checkpoint
+from ..utils.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, make_checkpoint, restore_checkpoint
 from ..utils.device import autocast, select_device
 from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
@@ -290,7 +290,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     from ..data.datasets import Prepared
 
     fl = cfg.flow
-    if resume and fresh:
+    if resume and fresh:  # checked again by checkpoint_to_resume; here before DDP starts
         raise ConfigError("--resume and --fresh contradict each other")
     device = select_device(cfg.device)
     udist.init_distributed(device)
@@ -300,12 +300,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     log = setup_logging(out / "train.log")
     jsonl = JsonlLog(out / "log.jsonl")
     last_path, best_path = out / "last.pt", out / "best.pt"
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(last_path, stage_hint="train_flow.py (nothing to resume)")
-    elif last_path.is_file() and not fresh:
-        ckpt = load_checkpoint(last_path)
-        log.info("found %s: resuming it (pass --fresh to start over)", last_path)
+    ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_flow.py", log)
     if ckpt is not None:
         diffs = _config_diffs(ckpt.get("config", {}), cfg.to_dict())
         if diffs:

@@ -45,6 +45,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def checkpoint_to_resume(last_path: str | os.PathLike, resume: bool, fresh: bool, script: str,
+                         log=None) -> dict | None:
+    """The checkpoint a training run continues from, or None to start from scratch.
+
+    ``resume``: ``last_path`` must exist; ``fresh``: ignore it; neither: continue it if it exists.
+    ``script`` names the stage's script in the error when ``resume`` finds nothing.
+    """
+    from ..config import ConfigError
+
+    if resume and fresh:
+        raise ConfigError("--resume and --fresh contradict each other")
+    if resume:
+        return load_checkpoint(last_path, stage_hint=f"{script} (nothing to resume)")
+    if fresh or not Path(last_path).is_file():
+        return None
+    ckpt = load_checkpoint(last_path)
+    if log is not None:
+        log.info("found %s: resuming it (pass --fresh to start over)", last_path)
+    return ckpt
+
+
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:
     """sha256 of a file's bytes (first ``length`` hex digits): names a checkpoint for provenance."""
     h = hashlib.sha256()

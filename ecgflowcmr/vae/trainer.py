@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError
 from ..data.datasets import PreparedDataset
-from ..utils.checkpoint import atomic_save, load_checkpoint, make_checkpoint, restore_checkpoint
+from ..utils.checkpoint import atomic_save, checkpoint_to_resume, make_checkpoint, restore_checkpoint
 from ..utils.device import autocast, select_device
 from ..utils.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_distributed, is_main,
                           make_loader, rank, set_loader_epoch, world_size, wrap_ddp)
@@ -332,14 +332,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
     step_log = JsonlLog(out_dir / "steps.jsonl")      # every log_every steps
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
 
-    if resume and fresh:
-        raise ConfigError("--resume and --fresh contradict each other")
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(last_path, stage_hint="train_disentangle_vae3d.py (nothing to resume)")
-    elif last_path.is_file() and not fresh:
-        ckpt = load_checkpoint(last_path)
-        log.info("found %s: resuming it (pass --fresh to start over)", last_path)
+    ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_disentangle_vae3d.py", log)
     if ckpt is not None:
         _check_resumable(ckpt, cfg, last_path)
 
