@@ -7,6 +7,7 @@
 Writes runs/<exp>/ecg/{best.pt,last.pt,config.yaml,train.log,log.jsonl,figures/}. Re-running
 continues an unfinished run (or does nothing if it is finished); --fresh starts over.
 """
+from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 from ecgflowcmr.cli import parse_stage_args, stage_parser
 
 
@@ -26,4 +27,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main() or 0)

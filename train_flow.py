@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 from ecgflowcmr.cli import parse_stage_args, stage_parser
 
 
@@ -37,4 +38,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -47,3 +47,4 @@ def main(out_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    dist.exit_process(0)

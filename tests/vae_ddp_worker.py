@@ -46,3 +46,4 @@ def main(config: str, out_path: str, *overrides: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    dist.exit_process(0)

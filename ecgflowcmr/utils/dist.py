@@ -3,14 +3,29 @@
 Under ``torchrun --nproc_per_node N`` the environment carries RANK / WORLD_SIZE / LOCAL_RANK;
 without it every helper degrades to the single-process case, so the same code path runs on a
 laptop CPU and on a GPU box.
+
+Teardown: ``cleanup`` (all ranks meet at a barrier, then the process group is destroyed) and
+``exit_process`` (how a worker ends). DDP keeps its process group alive past
+``destroy_process_group`` (its reducer holds a reference), so gloo's worker threads outlive the
+teardown. A worker thread frees its last finished collective a moment after the collective
+returns; if the interpreter is already finalising by then, freeing a Python-owned tensor must
+take the GIL, the thread is terminated inside a destructor, and the process dies with SIGABRT
+("terminate called without an active exception") after its work is done. A process that ran a
+process group therefore ends with ``os._exit`` once its streams are flushed: there is no
+finalisation for a late thread to race.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+
+_RAN_PROCESS_GROUP = False       # this process initialised a process group (see exit_process)
 
 
 def is_distributed() -> bool:
@@ -37,14 +52,29 @@ def init_distributed(device: torch.device | None = None) -> bool:
     """Initialise the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1 or is_distributed():
         return is_distributed()
+    global _RAN_PROCESS_GROUP
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    _RAN_PROCESS_GROUP = True
     return True
 
 
 def cleanup() -> None:
+    """Tear the process group down once every rank is done with it (no rank leaves a peer mid-collective)."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a stage script with ``code``. After a process group: flush and ``os._exit`` (module docstring)."""
+    if not _RAN_PROCESS_GROUP:
+        sys.exit(code)
+    cleanup()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def barrier() -> None:
