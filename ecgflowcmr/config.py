@@ -118,6 +118,14 @@ class FlowConfig(TrainLoop):
     mlp_ratio: float = 4.0
     alpha: float = 1.0              # z0 = template + alpha * eps (in per-channel normalised latent units)
     use_template: bool = True       # False: z0 = eps (ablation "without template anchor")
+    anchor: str = "template"        # template: z0 = template + alpha * eps (the paper); ecg: z0 = head(ECG)
+                                    # + alpha * eps, a light head regressing the latent video from the ECG
+                                    # tokens (flow/anchor.py), fitted first, then frozen while the flow trains
+    anchor_hidden: int = 128        # width of that head
+    anchor_steps: int = 500         # its fitting steps (cached tokens: seconds on CPU)
+    anchor_lr: float = 2e-3
+    motion_weight: float = 0.0      # extra loss weight on the motion part of the latent (the latent minus its
+                                    # time mean), the part the ECG determines; 0 = the paper's plain MSE
     t_sampling: str = "uniform"     # uniform | logit_normal
     cfg_drop: float = 0.1           # probability of replacing the ECG tokens by the null condition
     ema_decay: float = 0.999
@@ -362,6 +370,14 @@ def _validate(cfg: Config) -> None:
     _require(fl.sample_every >= 0, "flow.sample_every", "must be >= 0 (0: no previews)")
     _require(inf.batch_size >= 1, "infer.batch_size", "must be >= 1")
     _require(fl.alpha >= 0, "flow.alpha", "must be >= 0")
+    _require(fl.anchor in ("template", "ecg"), "flow.anchor", "must be template or ecg")
+    _require(fl.anchor == "template" or fl.use_template, "flow.anchor",
+             "the ECG anchor replaces the template: it needs flow.use_template=true")
+    _require(fl.anchor == "template" or not fl.ecg_finetune, "flow.anchor",
+             "the ECG anchor is fitted on the frozen encoder's tokens: use flow.ecg_finetune=false")
+    _require(fl.anchor_hidden >= 1 and fl.anchor_steps >= 0 and fl.anchor_lr > 0, "flow.anchor_hidden",
+             "anchor_hidden >= 1, anchor_steps >= 0 and anchor_lr > 0")
+    _require(fl.motion_weight >= 0, "flow.motion_weight", "must be >= 0")
     _require(0 <= fl.cfg_drop < 1, "flow.cfg_drop", "must be in [0, 1)")
     _require(0 <= fl.ema_decay < 1, "flow.ema_decay", "must be in [0, 1)")
     _require(fl.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling",

@@ -11,7 +11,8 @@ everything inference needs, so ``infer_flow.py`` needs nothing else::
     ckpt["vae"]                   {"config": vae section, "state_dict", "hash"}
     ckpt["template"]              latents/template.pt dict {"template", "mean", "std", "vae_hash", ...}
     ckpt["flow"]                  {"latent_norm": {"mean", "std"}, "alpha", "use_template",
-                                   "latent_shape", "normalized": bool}
+                                   "latent_shape", "normalized": bool, "anchor", "motion_weight"}
+    ckpt["anchor_head"]           {"arch", "state_dict", "fit"}: the ECG anchor head (flow.anchor=ecg)
     ckpt["extra"]                 {"vae_hash", "template_hash", "ecg_hash", best metric, ...}
 
 On load the hashes are recomputed from the embedded weights and compared with the recorded ones;
@@ -35,6 +36,7 @@ import torch.nn as nn
 
 from ..utils.checkpoint import load_checkpoint, state_hash
 from ..utils.device import autocast
+from .anchor import AnchorHead
 from .dit import FlowDiT, dit_from_arch
 from .samplers import guided_velocity, integrate
 from .transport import LatentNorm, TemplateAnchor, template_hash
@@ -186,11 +188,12 @@ class Generated:
 
 
 class ECGToCine:
-    """ECG-only generation: encoder -> flow ODE from the template anchor -> VAE decode."""
+    """ECG-only generation: encoder -> flow ODE from the anchor (template, or the ECG anchor head)
+    -> VAE decode."""
 
     def __init__(self, dit: FlowDiT, encoder: nn.Module, vae: nn.Module, template: dict,
                  norm: LatentNorm, alpha: float, use_template: bool, device: torch.device,
-                 info: dict | None = None, amp: bool = True):
+                 info: dict | None = None, amp: bool = True, anchor_head: AnchorHead | None = None):
         self.dit = dit.to(device).eval()
         self.encoder = encoder.to(device).eval() if encoder is not None else None
         self.vae = vae.to(device).eval() if vae is not None else None
@@ -200,6 +203,7 @@ class ECGToCine:
         self.anchor = TemplateAnchor(norm.normalize(template["template"].float()[None])[0], alpha, use_template)
         self.latent_shape = (int(template["template"].shape[0]), dit.arch["num_frames"],
                              dit.arch["latent_size"], dit.arch["latent_size"])
+        self.anchor_head = anchor_head.to(device).eval() if anchor_head is not None else None
         self.device = device
         self.info = info or {}
         self.amp = amp
@@ -236,11 +240,15 @@ class ECGToCine:
         state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
         dit.load_state_dict(dit_state_from(state))
         flow = ckpt["flow"]
+        anchor_head = None
+        if ckpt.get("anchor_head"):
+            anchor_head = AnchorHead.from_arch(ckpt["anchor_head"]["arch"])
+            anchor_head.load_state_dict(ckpt["anchor_head"]["state_dict"])
         info = {"checkpoint": str(path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
                 "weights": "ema" if state is ckpt.get("ema") else "model",
                 "vae_hash": v_hash, "template_hash": t_hash, "ecg_hash": e_hash}
         return cls(dit, encoder, vae, template, LatentNorm.from_dict(flow["latent_norm"]),
-                   flow["alpha"], flow["use_template"], device, info, amp)
+                   flow["alpha"], flow["use_template"], device, info, amp, anchor_head)
 
     # -- pieces -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -248,9 +256,17 @@ class ECGToCine:
         """``(B, 12, 5000)`` mV -> stage-1 ``CycleOutput`` (tokens, pooled, start, end, fallback...)."""
         return self.encoder(ecg.to(self.device, torch.float32))
 
-    def initial(self, noise: torch.Tensor) -> torch.Tensor:
-        """Anchor sample ``z0`` (normalised latent space) for ``noise (B, C, T, h, w)``."""
-        return self.anchor.sample(noise.to(self.device))
+    @torch.no_grad()
+    def anchor_mean(self, ecg_tokens: torch.Tensor, ecg_pooled: torch.Tensor) -> torch.Tensor | None:
+        """The ECG anchor ``(B, C, T, h, w)`` (normalised), or None with the template anchor."""
+        if self.anchor_head is None:
+            return None
+        return self.anchor_head(ecg_tokens.to(self.device).float(), ecg_pooled.to(self.device).float())
+
+    def initial(self, noise: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Anchor sample ``z0`` (normalised latent space) for ``noise (B, C, T, h, w)``; ``mean``:
+        the ECG anchor (else the template)."""
+        return self.anchor.sample(noise.to(self.device), mean)
 
     @torch.no_grad()
     def sample_latents(self, ecg_tokens: torch.Tensor, ecg_pooled: torch.Tensor, noise: torch.Tensor,
@@ -261,7 +277,7 @@ class ECGToCine:
                 return self.dit(z, t, tokens, pooled, drop).float()
         velocity = guided_velocity(model, ecg_tokens.to(self.device).float(),
                                    ecg_pooled.to(self.device).float(), guidance)
-        return integrate(velocity, self.initial(noise), steps, sampler)
+        return integrate(velocity, self.initial(noise, self.anchor_mean(ecg_tokens, ecg_pooled)), steps, sampler)
 
     @torch.no_grad()
     def decode(self, latents_norm: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,6 +287,17 @@ class ECGToCine:
         for i in range(0, latents.shape[0], chunk):
             cines.append(self.vae.decode(latents[i:i + chunk].to(self.device)).float().clamp(-1, 1).cpu())
         return torch.cat(cines, 0), latents.cpu()
+
+    @torch.no_grad()
+    def regress(self, ecg: torch.Tensor, cycle=None) -> Generated:
+        """The ECG anchor head alone, decoded: the deterministic cross-modal autoencoder baseline
+        (no noise, no flow). Needs a checkpoint trained with ``flow.anchor=ecg``."""
+        if self.anchor_head is None:
+            raise ValueError("this flow checkpoint has no ECG anchor head (train with flow.anchor=ecg)")
+        out = cycle if cycle is not None else self.encode(ecg)
+        cine, latents = self.decode(self.anchor_mean(out.tokens, out.pooled))
+        return Generated(cine, latents, out.start.detach().cpu().long(), out.end.detach().cpu().long(),
+                         out.fallback.detach().cpu().bool())
 
     @torch.no_grad()
     def template_video(self) -> torch.Tensor:

@@ -38,11 +38,12 @@ from ..utils.device import autocast, select_device
 from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
 from ..utils.train import EMA, clip_grad, cosine_schedule
+from .anchor import AnchorHead
 from .dit import build_dit
 from . import generator as gen
 from .generator import ECGToCine, FlowModel, encoder_state_from, module_hash, sample_seed
-from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching_loss, sample_t,
-                        seeded_noise, template_hash, validation_t_grid)
+from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching_loss, motion_weighted_mse,
+                        sample_t, seeded_noise, template_hash, validation_t_grid)
 
 VAL_T_POINTS = 8
 # flow keys that may change between a run and its resumption
@@ -183,6 +184,62 @@ def _condition(batch: dict, device: torch.device) -> dict:
     return {"ecg": batch["ecg"].to(device, non_blocking=True)}
 
 
+@torch.no_grad()
+def _anchor_mean(head: AnchorHead | None, cond: dict) -> torch.Tensor | None:
+    """The ECG anchor of a batch ``(B, C, T, h, w)`` (None: the template anchor)."""
+    return None if head is None else head(cond["ecg_tokens"], cond["ecg_pooled"])
+
+
+def fit_anchor_head(head: AnchorHead, train: "FlowDataset", val: "FlowDataset", steps: int, lr: float,
+                    batch_size: int, motion_weight: float, seed: int, device: torch.device, log=None) -> dict:
+    """Fit the ECG anchor head by (motion-weighted) MSE to the data latents, then freeze it.
+
+    Every rank fits on the same full (unsharded) order from ``seed``; rank 0's weights are then
+    broadcast, so all ranks start the flow from the same anchor. Returns val MSE of the template
+    anchor (the untrained head) and of the fitted head: what the ECG explains of the latents."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    def val_mse() -> float:
+        if len(val) == 0:
+            return float("nan")
+        total = 0.0
+        with torch.no_grad():
+            for lo in range(0, len(val), 32):
+                items = [val[i] for i in range(lo, min(len(val), lo + 32))]
+                tokens = torch.stack([it["tokens"] for it in items]).to(device)
+                pooled = torch.stack([it["pooled"] for it in items]).to(device)
+                z1 = torch.stack([it["z1"] for it in items]).to(device)
+                total += float(motion_weighted_mse(head(tokens, pooled), z1).sum())
+        return total / len(val)
+
+    before = val_mse()
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = cosine_schedule(optimizer, min(20, steps // 10), max(1, steps))
+    loader = DataLoader(train, batch_size=batch_size, drop_last=len(train) >= batch_size,
+                        sampler=RandomSampler(train, generator=torch.Generator().manual_seed(seed)))
+    step = 0
+    while step < steps:
+        for batch in loader:
+            pred = head(batch["tokens"].to(device), batch["pooled"].to(device))
+            loss = motion_weighted_mse(pred, batch["z1"].to(device), motion_weight).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step >= steps:
+                break
+    head.eval()
+    head.requires_grad_(False)
+    udist.broadcast_module(head)
+    result = {"anchor_steps": steps, "anchor_val_mse_template": before, "anchor_val_mse": val_mse()}
+    if log is not None:
+        log.info("ECG anchor head: %d steps; val MSE %.5f (template anchor %.5f)", steps,
+                 result["anchor_val_mse"], before)
+    return result
+
+
 def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on matrices; the encoder (when trained) at its own lr."""
     groups = []
@@ -203,7 +260,8 @@ def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: floa
 
 @torch.no_grad()
 def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
-                    batch_size: int, seed: int, amp: bool = True, unconditional: bool = False) -> float:
+                    batch_size: int, seed: int, amp: bool = True, unconditional: bool = False,
+                    anchor_head: AnchorHead | None = None) -> float:
     """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
     and noise from per-row seeds. Same weights -> same number, whatever the batch or world size.
     ``unconditional``: with the null condition for every row (the CFG branch). Its excess over the
@@ -218,6 +276,7 @@ def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device:
         batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
         z1 = batch["z1"].to(device)
         cond = _condition(batch, device)
+        anchor_mean = _anchor_mean(anchor_head, cond)
         if unconditional:
             cond["drop"] = torch.ones(z1.shape[0], dtype=torch.bool, device=device)
         for j, t_val in enumerate(grid):
@@ -225,7 +284,8 @@ def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device:
                                  for r in batch["row"].tolist()]).to(device)
             t = torch.full((z1.shape[0],), float(t_val), device=device)
             with autocast(device, amp):
-                losses = flow_matching_loss(model, z1, anchor, t, noise, reduce=False, **cond)
+                losses = flow_matching_loss(model, z1, anchor, t, noise, reduce=False, anchor_mean=anchor_mean,
+                                            **cond)
             total += float(losses.float().sum())
             count += z1.shape[0]
     tensor = torch.tensor([total, count], dtype=torch.float64, device=device)
@@ -364,6 +424,21 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     if not ecg_dim:
         raise RuntimeError("the stage-1 encoder does not report its token width (encoder.dim)")
 
+    # -- the ECG anchor head (flow.anchor=ecg): fitted first, frozen while the flow trains ----------
+    anchor_head, anchor_fit = None, {}
+    if fl.anchor == "ecg":
+        anchor_head = AnchorHead(anchor.template, ecg_dim, latent_shape[1], fl.anchor_hidden).to(device)
+        saved = ckpt.get("anchor_head") if ckpt is not None else None
+        if saved:
+            anchor_head.load_state_dict(saved["state_dict"])
+            anchor_head.eval().requires_grad_(False)
+            anchor_fit = dict(saved.get("fit", {}))
+        else:
+            anchor_fit = fit_anchor_head(anchor_head, datasets["train"], datasets["val"], fl.anchor_steps,
+                                         fl.anchor_lr, max(fl.batch_size, 16), fl.motion_weight, cfg.seed,
+                                         device, log)
+            jsonl.write(**anchor_fit)
+
     # -- model, EMA, optimiser ----------------------------------------------------------------
     dit = build_dit(fl, latent_shape, ecg_dim=ecg_dim, ecg_tokens=cfg.ecg.num_tokens)
     model = FlowModel(dit, encoder if fl.ecg_finetune else None).to(device)
@@ -435,14 +510,19 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                      "template": template,
                      "flow": {"latent_norm": norm.to_dict(), "alpha": fl.alpha, "use_template": fl.use_template,
                               "latent_shape": list(latent_shape), "normalized": True,
-                              "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop}})
+                              "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
+                              "motion_weight": fl.motion_weight}})
+        if anchor_head is not None:
+            ckpt["anchor_head"] = {"arch": dict(anchor_head.arch), "fit": anchor_fit,
+                                   "state_dict": {k: v.detach().cpu() for k, v in anchor_head.state_dict().items()}}
         return ckpt
 
     def preview(tag: str) -> None:
         if not udist.is_main() or len(splits["val"]) == 0:
             return
         enc = ema.module.encoder if fl.ecg_finetune else encoder
-        pipe = ECGToCine(ema.module.dit, enc, vae, template, norm, fl.alpha, fl.use_template, device, amp=fl.amp)
+        pipe = ECGToCine(ema.module.dit, enc, vae, template, norm, fl.alpha, fl.use_template, device, amp=fl.amp,
+                         anchor_head=anchor_head)
         paths_written = write_previews(pipe, prepared, splits["val"], out / "previews", tag, cfg.infer.seed,
                                        cfg.infer.sampler, cfg.infer.steps, cfg.infer.guidance)
         log.info("previews: %s", ", ".join(paths_written))
@@ -470,8 +550,11 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
             t = sample_t(b, fl.t_sampling, device=device, generator=flow_rng)
             noise = torch.randn(z1.shape, generator=flow_rng).to(device)
             drop = cfg_drop_mask(b, fl.cfg_drop, device=device, generator=flow_rng)
+            cond = _condition(batch, device)
+            anchor_mean = _anchor_mean(anchor_head, cond)
             with autocast(device, amp):
-                loss = flow_matching_loss(ddp_model, z1, anchor, t, noise, drop=drop, **_condition(batch, device))
+                loss = flow_matching_loss(ddp_model, z1, anchor, t, noise, drop=drop, anchor_mean=anchor_mean,
+                                          motion_weight=fl.motion_weight, **cond)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_grad(model.parameters(), fl.grad_clip)
@@ -500,9 +583,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         if stopped_early or epoch % max(1, fl.val_every) == 0 or epoch >= fl.epochs:
             ema.module.eval()
             record["val_loss"] = validation_loss(ema.module, datasets["val"], anchor, device,
-                                                 max(fl.batch_size, 8), cfg.seed, amp)
+                                                 max(fl.batch_size, 8), cfg.seed, amp, anchor_head=anchor_head)
             record["val_loss_uncond"] = validation_loss(ema.module, datasets["val"], anchor, device,
-                                                        max(fl.batch_size, 8), cfg.seed, amp, unconditional=True)
+                                                        max(fl.batch_size, 8), cfg.seed, amp, unconditional=True,
+                                                        anchor_head=anchor_head)
         history.append(record)
         jsonl.write(**record)
         val = record.get("val_loss", math.nan)

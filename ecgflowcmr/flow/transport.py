@@ -14,6 +14,12 @@ Convention (stored in every flow checkpoint, applied automatically at inference)
 
   The template ``(C, 1, h, w)`` is broadcast over the 50 frames: every video starts at the static
   population anatomy, and the flow only has to add this subject's anatomy and its ECG-timed motion.
+* ``flow.anchor=ecg``: the anchor's mean is a per-subject prediction from the ECG
+  (``flow/anchor.py``) instead of the template: ``z0 = head(ECG) + alpha * eps``.
+* Motion weighting (``flow.motion_weight`` w): the error ``e`` splits into its time mean and the
+  motion ``e - mean_T(e)`` (orthogonal parts), and the loss is ``MSE(e) + w * MSE(motion)``.
+  Most latent variance is anatomy the ECG cannot reveal; the weight keeps the ECG-timed motion
+  from being a few per cent of the loss.
 * ``t ~ U(0, 1)`` or logit-normal (``sigmoid(N(0, 1))``, more weight mid-path).
 * The validation loss is deterministic: a fixed grid of ``t`` and per-subject noise seeds.
 """
@@ -23,7 +29,6 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,12 +97,14 @@ class TemplateAnchor:
         self.alpha = float(alpha)
         self.use_template = bool(use_template)
 
-    def sample(self, noise: torch.Tensor) -> torch.Tensor:
-        """``noise (B, C, T, H, W)`` ~ N(0, I) -> ``z0`` of the same shape."""
+    def sample(self, noise: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+        """``noise (B, C, T, H, W)`` ~ N(0, I) -> ``z0`` of the same shape. ``mean``: a per-sample
+        anchor ``(B, C, T, H, W)`` (the ECG anchor) in place of the template."""
         if not self.use_template:
             return noise
-        template = self.template.to(device=noise.device, dtype=noise.dtype)
-        return template.unsqueeze(0) + self.alpha * noise
+        if mean is None:
+            mean = self.template.to(device=noise.device, dtype=noise.dtype).unsqueeze(0)
+        return mean.to(noise.dtype) + self.alpha * noise
 
     def mean(self, shape: tuple, device=None, dtype=torch.float32) -> torch.Tensor:
         """The anchor itself broadcast to ``shape`` (what ``sample`` returns for zero noise)."""
@@ -133,18 +140,29 @@ def cfg_drop_mask(n: int, p: float, device=None, generator: torch.Generator | No
     return (torch.rand(n, generator=generator) < p).to(device)
 
 
+def motion_weighted_mse(pred: torch.Tensor, target: torch.Tensor, motion_weight: float = 0.0) -> torch.Tensor:
+    """Per-sample ``MSE(e) + motion_weight * MSE(e - mean_T(e))`` for ``(B, C, T, H, W)``: ``(B,)``."""
+    err = pred.float() - target.float()
+    per_sample = err.pow(2).flatten(1).mean(1)
+    if motion_weight > 0:
+        motion = err - err.mean(dim=2, keepdim=True)
+        per_sample = per_sample + motion_weight * motion.pow(2).flatten(1).mean(1)
+    return per_sample
+
+
 def flow_matching_loss(velocity_fn, z1: torch.Tensor, anchor: TemplateAnchor, t: torch.Tensor,
-                       noise: torch.Tensor, reduce: bool = True, **cond) -> torch.Tensor:
-    """MSE between the predicted and the straight-path velocity.
+                       noise: torch.Tensor, reduce: bool = True, anchor_mean: torch.Tensor | None = None,
+                       motion_weight: float = 0.0, **cond) -> torch.Tensor:
+    """(Motion-weighted) MSE between the predicted and the straight-path velocity.
 
     ``velocity_fn(z_t, t, **cond) -> (B, C, T, H, W)``; ``z1`` normalised data latents;
-    ``t (B,)``; ``noise`` like ``z1``. Returns a scalar, or ``(B,)`` per-sample losses.
+    ``t (B,)``; ``noise`` like ``z1``; ``anchor_mean``: the ECG anchor's prediction (else the
+    template). Returns a scalar, or ``(B,)`` per-sample losses.
     """
-    z0 = anchor.sample(noise)
+    z0 = anchor.sample(noise, anchor_mean)
     z_t = interpolate(z0, z1, t)
     pred = velocity_fn(z_t, t, **cond)
-    err = F.mse_loss(pred.float(), target_velocity(z0, z1).float(), reduction="none")
-    per_sample = err.flatten(1).mean(1)
+    per_sample = motion_weighted_mse(pred, target_velocity(z0, z1), motion_weight)
     return per_sample.mean() if reduce else per_sample
 
 

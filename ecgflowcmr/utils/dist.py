@@ -94,6 +94,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (no-op when not distributed)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
 def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
     """Average a scalar over ranks (identity when not distributed)."""
     tensor = torch.as_tensor(value, dtype=torch.float64, device=device)
