@@ -124,6 +124,8 @@ class FlowConfig(TrainLoop):
     anchor_hidden: int = 128        # width of that head
     anchor_steps: int = 500         # its fitting steps (cached tokens: seconds on CPU)
     anchor_lr: float = 2e-3
+    snapshot_steps: list[int] = field(default_factory=list)  # also save the EMA weights at these steps
+                                    # (flow/snapshots/step_NNNNNN.pt, loadable like best.pt): learning curves
     motion_weight: float = 0.0      # extra loss weight on the motion part of the latent (the latent minus its
                                     # time mean), the part the ECG determines; 0 = the paper's plain MSE
     t_sampling: str = "uniform"     # uniform | logit_normal
@@ -378,6 +380,7 @@ def _validate(cfg: Config) -> None:
     _require(fl.anchor_hidden >= 1 and fl.anchor_steps >= 0 and fl.anchor_lr > 0, "flow.anchor_hidden",
              "anchor_hidden >= 1, anchor_steps >= 0 and anchor_lr > 0")
     _require(fl.motion_weight >= 0, "flow.motion_weight", "must be >= 0")
+    _require(all(s >= 1 for s in fl.snapshot_steps), "flow.snapshot_steps", "steps must be >= 1")
     _require(0 <= fl.cfg_drop < 1, "flow.cfg_drop", "must be in [0, 1)")
     _require(0 <= fl.ema_decay < 1, "flow.ema_decay", "must be in [0, 1)")
     _require(fl.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling",

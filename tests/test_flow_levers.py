@@ -143,3 +143,18 @@ def test_regress_needs_an_ecg_anchor(tmp_path, fake_bridges):
     pipe = ECGToCine.from_checkpoint(run / "flow" / "last.pt")
     with pytest.raises(ValueError, match="flow.anchor=ecg"):
         pipe.regress(torch.randn(1, 12, 5000) * 0.1)
+
+
+def test_snapshots_hold_the_ema_weights_at_the_requested_steps(tmp_path, fake_bridges):
+    from ecgflowcmr.flow.trainer import train
+
+    run = build_run(tmp_path / "run", n=12, real_ecg=False, real_vae=False)
+    train(tiny_config(run, "flow.epochs=2", "flow.snapshot_steps=[1,3]"))       # 2 steps per epoch
+    snaps = sorted((run / "flow" / "snapshots").glob("*.pt"))
+    assert [p.name for p in snaps] == ["step_000001.pt", "step_000003.pt"]
+    first, last = (torch.load(p, weights_only=True) for p in snaps)
+    assert (first["step"], last["step"]) == (1, 3)
+    final = torch.load(run / "flow" / "last.pt", weights_only=True)
+    assert final["step"] == 4
+    assert any(not torch.equal(last["ema"][k], final["ema"][k]) for k in final["ema"])   # a step later: moved
+    assert ECGToCine.from_checkpoint(snaps[0]).info["step"] == 1

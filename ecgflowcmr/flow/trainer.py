@@ -47,7 +47,8 @@ from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching
 
 VAL_T_POINTS = 8
 # flow keys that may change between a run and its resumption
-RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp"}
+RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp",
+                  "snapshot_steps"}
 PREVIEW_SUBJECTS = 2
 LATENT_SPLITS = ("train", "val")
 
@@ -529,6 +530,9 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
 
     from tqdm import tqdm
 
+    snapshot_steps = set(fl.snapshot_steps)
+    if snapshot_steps and udist.is_main():
+        (out / "snapshots").mkdir(exist_ok=True)
     t_start = time.time()
     first_loss = None
     epochs_this_call = 0
@@ -564,6 +568,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
             epoch_step += 1
             ema.decay = _ema_decay(fl.ema_decay, step)
             ema.update(model)
+            if step in snapshot_steps:
+                all_rng = rng_states_all()                                 # collective: every rank
+                if udist.is_main():
+                    atomic_save(checkpoint_dict(all_rng), out / "snapshots" / f"step_{step:06d}.pt")
             loss_value = float(loss.detach())
             first_loss = loss_value if first_loss is None else first_loss
             running += loss_value
