@@ -2,7 +2,7 @@
 """Learning curve of one flow variant on the phantom benchmark: how far does compute alone go?
 
     python benchmarks/learning_curve.py --config configs/phantom_bench.yaml --variant full \
-        --steps 125,250,500,1000,2000,4000
+        --steps 250,500,1000,2000,3000
 
 One long run (``<run_dir>/curves/<variant>/``, linking the base run's data, encoder, VAE and
 latents, as the benchmark's ablations do) saves its EMA weights at each step count
@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--config", default="configs/phantom_bench.yaml")
     parser.add_argument("--variant", default="full", choices=list(bench.TRAINED))
-    parser.add_argument("--steps", default="125,250,500,1000,2000,4000")
+    parser.add_argument("--steps", default="250,500,1000,2000,3000")
     parser.add_argument("--no-train", action="store_true", help="score the snapshots that exist")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the training run")
     parser.add_argument("--fid-frames", type=int, default=10)
@@ -97,14 +97,14 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     steps = sorted({int(s) for s in args.steps.split(",") if s})
     out = cfg.run_path / "bench"
-    table = out / "phantom_bench.json"
-    if not table.is_file():
-        raise SystemExit(f"'{table}' is missing: run benchmarks/phantom.py --config {args.config} first "
-                         "(its baselines are the flat lines)")
-    flat = json.loads(table.read_text())["rows"]
     run_dir = cfg.run_path / "curves" / args.variant
     if not args.no_train:
         run_dir = train_curve(args.config, cfg, args.variant, steps, args.overrides, args.threads)
+    table = out / "phantom_bench.json"
+    if not table.is_file():
+        raise SystemExit(f"'{table}' is missing: run benchmarks/phantom.py --config {args.config} first "
+                         "(its baselines are the flat lines), then this again with --no-train")
+    flat = json.loads(table.read_text())["rows"]
     json_path = out / f"learning_curve_{args.variant}.json"
     result = json.loads(json_path.read_text()) if json_path.is_file() else {}
     result.update(variant=args.variant, config=args.config, overrides=bench.TRAINED[args.variant][0])
