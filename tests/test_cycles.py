@@ -176,3 +176,42 @@ def test_bad_inputs_give_clear_errors():
         select_cycles(torch.zeros(L), "median")
     with pytest.raises(ValueError, match="cycle mode"):
         select_cycles(torch.zeros(1, L), "mid-beat")
+
+
+def test_ensemble_averages_every_complete_cycle_within_30_percent_of_the_median_rr():
+    """Features that are a ramp of time differ from beat to beat, so the tokens tell which cycles
+    were averaged. R-R 800, 850, 750, 800, 1200 samples: median 800, the 1200 one is out (> 30 %)."""
+    peaks = np.array([250, 1050, 1900, 2650, 3450, 4650])
+    phase = torch.tensor(phase_from_rpeaks(peaks, L))[None]
+    sel = select_cycles(phase, "ensemble")
+    np.testing.assert_allclose(sel.weights[0].numpy(), [0.25, 0.25, 0.25, 0.25, 0.0])
+    assert (int(sel.start[0]), int(sel.end[0])) == (250, 1050)       # the first cycle at the median R-R
+    stride, positions = 8, L // 8
+    centres = torch.arange(positions, dtype=torch.float64) * stride + (stride - 1) / 2
+    tokens = roi_align((2.0 * centres - 7.0)[None, :, None], sel, stride)[0, :, 0]
+    starts, rr = peaks[:4], np.diff(peaks)[:4]
+    times = (starts[:, None] + rr[:, None] * np.arange(50) / 50).mean(axis=0)
+    np.testing.assert_allclose(tokens.numpy(), 2.0 * times - 7.0, atol=1e-6)
+
+
+def test_ensemble_keeps_every_complete_cycle_of_a_regular_rhythm():
+    """With R-R jitter of +-10 %, every complete cycle is within 30 % of the median: 40 bpm keeps
+    all 5 or so, 150 bpm all 24 or so (the cycles between the R-peaks inside the 0.1 s edges)."""
+    peaks, phase = batch_of_phases(0.1)
+    sel = select_cycles(phase, "ensemble")
+    for b, p in enumerate(peaks):
+        inside = p[(p > 50) & (p < L - 50)]
+        kept = sel.weights[b] > 0
+        assert int(kept.sum()) == len(inside) - 1, HEART_RATES[b]
+        np.testing.assert_allclose(sel.weights[b][kept].numpy(), 1.0 / (len(inside) - 1))
+
+
+def test_ensemble_tolerance_is_around_the_true_median_of_an_even_count():
+    """R-R 700, 900, 700, 1000: the median is 800 (not the lower middle 700), so the 1000 cycle is
+    25 % off and kept; the median cycle is still a real one (the first 700)."""
+    peaks = np.array([300, 1000, 1900, 2600, 3600])
+    phase = torch.tensor(phase_from_rpeaks(peaks, 3700))[None]
+    sel = select_cycles(phase, "ensemble")
+    np.testing.assert_allclose(sel.weights[0].numpy(), [0.25, 0.25, 0.25, 0.25])
+    assert (int(sel.start[0]), int(sel.end[0])) == (300, 1000)
+    assert (int(select_cycles(phase, "median").start[0])) == 300

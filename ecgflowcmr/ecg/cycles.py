@@ -22,7 +22,7 @@ Wrap detection (robust to a noisy prediction)
        dropped.
 
 Cycle choice (``mode``)
-    ``median``:   the complete cycle whose length is nearest the record's median R-R (first on ties).
+    ``median``:   the complete cycle of median R-R (the lower middle one for an even count; first on ties).
     ``ensemble``: all complete cycles whose length is within +-30% of the median R-R (the median
                   cycle always among them), each resampled on the phase axis, averaged.
     ``window``:   no phase: a fixed window of ``window_s`` seconds (1 s) at the centre of the record
@@ -202,6 +202,9 @@ def select_cycles(phase: torch.Tensor | None, mode: str = "median", num_tokens: 
     # lengths compared at 1/100 sample, so float noise does not break ties between equal cycles
     rr = torch.where(complete, torch.round((ends - starts) * 100) / 100, torch.full_like(starts, float("nan")))
     median_rr = torch.nanmedian(rr, dim=1).values                             # NaN if no cycle
+    # nanmedian is a real cycle length (the lower middle one for an even count): the median cycle
+    # itself; the ensemble tolerance is around the true median (mean of the two middle ones)
+    true_median_rr = torch.nanquantile(rr, 0.5, dim=1)
     distance = torch.where(complete, (rr - median_rr[:, None]).abs(), torch.full_like(rr, float("inf")))
     chosen = distance.argmin(dim=1)                                           # (B,)
     fallback = ~complete.any(dim=1)
@@ -209,7 +212,7 @@ def select_cycles(phase: torch.Tensor | None, mode: str = "median", num_tokens: 
     if mode == "median":
         weights = torch.nn.functional.one_hot(chosen, rr.shape[1]).to(torch.float64)
     else:  # ensemble
-        keep = complete & (distance <= ENSEMBLE_TOLERANCE * median_rr[:, None])
+        keep = complete & ((rr - true_median_rr[:, None]).abs() <= ENSEMBLE_TOLERANCE * true_median_rr[:, None])
         keep |= torch.nn.functional.one_hot(chosen, rr.shape[1]).bool() & complete
         weights = keep.to(torch.float64)
         weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1)
