@@ -52,6 +52,36 @@ def test_straight_path_endpoints_and_target():
     assert float(loss) < 1e-10
 
 
+def _oracle(z1: torch.Tensor):
+    """The exact velocity towards ``z1`` from anywhere on the straight path: (z1 - z_t) / (1 - t)."""
+    return lambda z_t, t: (z1 - z_t) / (1 - t).view(-1, 1, 1, 1, 1)
+
+
+def test_oracle_velocity_has_zero_loss_and_a_reversed_velocity_the_known_one():
+    """The oracle uses z_t and t, so the loss is zero only if z_t lies on the anchor -> data path."""
+    gen = torch.Generator().manual_seed(0)
+    anchor = TemplateAnchor(torch.randn(4, 1, 12, 12, generator=gen), alpha=0.7)
+    z1, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t = torch.tensor([0.2, 0.9])
+    assert float(flow_matching_loss(_oracle(z1), z1, anchor, t, noise)) < 1e-10
+    # the oracle of the reversed path (data -> anchor) is off by (z1 - z0) / (1 - t) per element
+    z0 = anchor.sample(noise)
+    reversed_oracle = lambda z_t, t_: (z0 - z_t) / (1 - t_).view(-1, 1, 1, 1, 1)   # noqa: E731
+    per_sample = flow_matching_loss(reversed_oracle, z1, anchor, t, noise, reduce=False)
+    expected = ((z1 - z0) ** 2).flatten(1).mean(1) / (1 - t) ** 2
+    assert torch.allclose(per_sample, expected, rtol=1e-4)
+    assert float(per_sample.min()) > 1.0                       # clearly non-zero
+
+
+def test_euler_with_the_oracle_stays_on_the_path_and_lands_on_the_data():
+    z0, z1 = torch.randn(2, 4, 5, 3, 3), torch.randn(2, 4, 5, 3, 3)    # elementwise: a small latent will do
+    for steps in (1, 4, 7):
+        assert torch.allclose(integrate(_oracle(z1), z0, steps, "euler"), z1, atol=1e-5)
+        # stopped half way it sits at the midpoint of the straight path
+        half = integrate(_oracle(z1), z0, 2 * steps, "euler", t1=0.5)
+        assert torch.allclose(half, 0.5 * (z0 + z1), atol=1e-5)
+
+
 def test_template_anchor_and_ablation():
     template = torch.randn(4, 1, 12, 12)
     noise = torch.randn(SHAPE)
@@ -147,12 +177,15 @@ def test_seeds_are_per_subject_and_sample():
 
 
 def test_null_ecg_validation_loss_measures_how_much_the_model_uses_the_ecg():
-    from ecgflowcmr.flow.trainer import validation_loss
+    """A model that reads z1 from the ECG condition is the oracle: zero conditional loss. With the
+    null condition it predicts -z_t / (1 - t), off by -z1 / (1 - t): the known excess."""
+    from ecgflowcmr.flow.trainer import VAL_T_POINTS, validation_loss
 
     gen = torch.Generator().manual_seed(0)
-    items = [{"row": i, "z1": torch.randn(2, 3, 4, 4, generator=gen), "tokens": torch.randn(5, 6, generator=gen),
-              "pooled": torch.randn(6, generator=gen)} for i in range(5)]
-    anchor = TemplateAnchor(torch.zeros(2, 1, 4, 4), alpha=1.0)
+    z1s = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(5)]
+    items = [{"row": i, "z1": z1, "tokens": torch.randn(5, 6, generator=gen), "pooled": z1.flatten()}
+             for i, z1 in enumerate(z1s)]
+    anchor = TemplateAnchor(torch.randn(2, 1, 4, 4, generator=gen), alpha=1.0)
     drops = []
 
     def ignores_ecg(z_t, t, ecg_tokens, ecg_pooled, drop=None):
@@ -160,11 +193,16 @@ def test_null_ecg_validation_loss_measures_how_much_the_model_uses_the_ecg():
         return -z_t
 
     def uses_ecg(z_t, t, ecg_tokens, ecg_pooled, drop=None):
-        scale = ecg_pooled.mean(1) if drop is None else torch.where(drop, 0.0, ecg_pooled.mean(1))
-        return -z_t + scale.view(-1, 1, 1, 1, 1)
+        z1 = ecg_pooled.view(z_t.shape)
+        if drop is not None:
+            z1 = torch.where(drop.view(-1, 1, 1, 1, 1), torch.zeros_like(z1), z1)
+        return (z1 - z_t) / (1 - t).view(-1, 1, 1, 1, 1)
 
     kw = dict(dataset=items, anchor=anchor, device=torch.device("cpu"), batch_size=2, seed=0, amp=False)
     assert validation_loss(ignores_ecg, **kw, unconditional=True) == validation_loss(ignores_ecg, **kw)
     assert all(d is None for d in drops[len(drops) // 2:])
     assert all(bool(d.all()) and d.shape == (len(d),) for d in drops[:len(drops) // 2])
-    assert validation_loss(uses_ecg, **kw, unconditional=True) != pytest.approx(validation_loss(uses_ecg, **kw))
+    assert validation_loss(uses_ecg, **kw) < 1e-10
+    t = validation_t_grid(VAL_T_POINTS).double()
+    expected = float(torch.stack([(z ** 2).mean() for z in z1s]).double().mean() * (1 / (1 - t) ** 2).mean())
+    assert validation_loss(uses_ecg, **kw, unconditional=True) == pytest.approx(expected, rel=1e-4)

@@ -14,22 +14,26 @@ import numpy as np
 import pytest
 import torch
 
+# the real stage-1/2 modules are imported plainly: a broken import must fail here, not make the
+# tests fall back to the fakes or skip the all-real test
+from ecgflowcmr.ecg.encoder import load_ecg_encoder  # noqa: F401
+from ecgflowcmr.ecg.pamae import PAMAE  # noqa: F401
+from ecgflowcmr.flow import generator as _generator
 from ecgflowcmr.flow import infer as flow_infer
-from ecgflowcmr.flow.generator import CheckpointMismatch, ECGToCine
+from ecgflowcmr.flow.generator import CheckpointMismatch, ECGToCine, sample_seed
+from ecgflowcmr.utils.checkpoint import file_hash
+from ecgflowcmr.vae import VAE3D, load_vae  # noqa: F401
 from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
-from tests.flow_fakes import build_run, real_modules_available, tiny_config, use_bridges
+from tests.flow_fakes import build_run, tiny_config, use_bridges
 
-REAL = real_modules_available()
 BRIDGES = ("load_stage1_encoder", "encoder_from_spec", "load_stage2_vae", "vae_from_spec")
-from ecgflowcmr.flow import generator as _generator  # noqa: E402
-
 REAL_BRIDGES = {name: getattr(_generator, name) for name in BRIDGES}
 
 
 @pytest.fixture(scope="module")
 def bridges():
     mp = pytest.MonkeyPatch()
-    use_bridges(mp, real_ecg=REAL, real_vae=False)
+    use_bridges(mp, real_ecg=True, real_vae=False)
     yield
     mp.undo()
 
@@ -181,8 +185,16 @@ def test_infer_from_ecg_files_alone(trained, tmp_path):
     bad = {k[0]: r for k, r in rows.items() if r["status"] == "skipped"}
     assert set(bad) == {"nan_record", "short_record"} and all(r["reason"] for r in bad.values())
     row = rows[(PTBXL_RECORDS[0], 0)]
-    for key in ("checkpoint_hash", "seed", "sample_seed", "steps", "sampler", "guidance", "alpha", "fallback"):
-        assert row[key] != "", key
+    expected = {"checkpoint_hash": file_hash(ckpt), "checkpoint": str(ckpt), "seed": "0",
+                "sample_seed": str(sample_seed(0, PTBXL_RECORDS[0], 0)), "steps": "2", "sampler": "euler",
+                "guidance": "1.0", "alpha": str(cfg.flow.alpha), "use_template": "True"}
+    assert {key: row[key] for key in expected} == expected
+    start, end = int(row["cycle_start"]), int(row["cycle_end"])
+    assert float(row["rr_ms"]) == pytest.approx((end - start) * 2.0)        # 500 Hz: 2 ms per sample
+    if row["fallback"] == "True":               # no complete cycle found: the centre 1 s window
+        assert (start, end) == (2250, 2750)
+    else:
+        assert row["fallback"] == "False" and 0 <= start < end <= 5000
     video = np.load(out / f"{PTBXL_RECORDS[0]}.npy")
     assert video.shape == (1, 50, 96, 96) and video.dtype == np.float32 and np.abs(video).max() <= 1
     img = nib.load(str(out / f"{PTBXL_RECORDS[0]}.nii.gz"))
@@ -236,7 +248,6 @@ def test_shards_and_resume_cover_exactly_the_unsharded_run(trained, tmp_path):
         flow_infer.parse_shard("2/2")
 
 
-@pytest.mark.skipif(not REAL, reason="stage-1/2 modules not importable")
 def test_all_real_modules_end_to_end(tmp_path, monkeypatch):
     """Real tiny PA-MAE encoder and real tiny 3D-VAE: train_flow.py then infer_flow.py (CLI)."""
     import infer_flow
@@ -255,3 +266,97 @@ def test_all_real_modules_end_to_end(tmp_path, monkeypatch):
                                    "--out", str(out)]) == 0
     assert np.load(out / f"{PTBXL_RECORDS[0]}.npy").shape == (1, 50, 96, 96)
     assert _rows(out)[(PTBXL_RECORDS[0], 0)]["status"] == "ok"
+
+
+def test_best_checkpoint_is_the_epoch_of_lowest_validation_loss(tmp_path, bridges, monkeypatch):
+    """Validation losses 0.5, 0.3, 0.4 (scripted: training noise cannot reorder them): best.pt
+    holds epoch 2, its step and the EMA weights that were validated then."""
+    import json
+
+    from ecgflowcmr.flow import trainer
+
+    scripted, snapshots = iter([0.5, 0.3, 0.4]), []
+
+    def validation_loss(model, *args, unconditional=False, **kw):
+        if unconditional:
+            return 1.0
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(trainer, "validation_loss", validation_loss)
+    run = build_run(tmp_path / "run", n=6, real_vae=False)               # 2 train subjects: 1 step / epoch
+    trainer.train(tiny_config(run, "flow.epochs=3", "flow.lr=3e-3"))
+    records = [json.loads(line) for line in (run / "flow" / "log.jsonl").read_text().splitlines()]
+    validated = [r for r in records if "val_loss" in r]
+    assert [r["val_loss"] for r in validated] == [0.5, 0.3, 0.4]
+    lowest = min(validated, key=lambda r: r["val_loss"])
+    best = torch.load(run / "flow" / "best.pt", weights_only=True)
+    last = torch.load(run / "flow" / "last.pt", weights_only=True)
+    assert (best["epoch"], best["step"]) == (lowest["epoch"], lowest["step"]) == (2, 2)
+    assert best["extra"]["best_val"] == 0.3 and last["extra"]["best_val"] == 0.3 and last["epoch"] == 3
+    for name, value in snapshots[1].items():
+        assert torch.equal(best["ema"][name], value), name
+    assert any(not torch.equal(last["ema"][n], v) for n, v in snapshots[1].items())   # the weights moved on
+
+
+def test_rerun_regenerates_when_settings_or_checkpoint_change(trained, tmp_path):
+    """index.csv skips a finished subject only under the same steps, guidance, seed and checkpoint."""
+    cfg, _ = trained
+    ecgs = str(_ecg_dir(tmp_path, records=PTBXL_RECORDS[:1]))
+    out, name = tmp_path / "samples", PTBXL_RECORDS[0]
+    other_ckpt = tmp_path / "other.pt"                                    # same pipeline, other DiT weights
+    ckpt = torch.load(cfg.run_path / "flow" / "best.pt", weights_only=True)
+    for key in ckpt["ema"]:
+        if key.startswith("dit.") and ckpt["ema"][key].is_floating_point():
+            ckpt["ema"][key] = ckpt["ema"][key] + 0.05
+    torch.save(ckpt, other_ckpt)
+
+    def run(*overrides, checkpoint=None):
+        c = tiny_config(cfg.run_path, "infer.previews=false", "infer.steps=1", *overrides)
+        report = flow_infer.run(c, ecgs, flow_infer.settings_from(c, checkpoint=checkpoint, out=str(out)),
+                                log=lambda *_: None)
+        return report, np.load(out / f"{name}.npy"), _rows(out)[(name, 0)]
+
+    first, video, _ = run()
+    assert first.generated == 1
+    again, same, _ = run()
+    assert (again.generated, again.skipped_done) == (0, 1) and np.array_equal(same, video)
+    overrides, checkpoint = [], None                                     # one more change per run
+    for change, column, value in (("infer.steps=2", "steps", "2"), ("infer.guidance=2.0", "guidance", "2.0"),
+                                  ("infer.seed=5", "seed", "5"),
+                                  (None, "checkpoint_hash", file_hash(other_ckpt))):
+        if change:
+            overrides.append(change)
+        else:
+            checkpoint = str(other_ckpt)
+        report, new, row = run(*overrides, checkpoint=checkpoint)
+        assert report.generated == 1 and report.skipped_done == 0, column
+        assert row[column] == value and not np.allclose(new, video, atol=1e-4), column
+        video = new
+    again, same, _ = run(*overrides, checkpoint=checkpoint)              # identical settings: skipped
+    assert (again.generated, again.skipped_done) == (0, 1) and np.array_equal(same, video)
+
+
+def test_manifest_paths_are_relative_to_the_manifest_folder(trained, tmp_path, monkeypatch):
+    """Run from another working directory that holds a decoy (a NaN ECG) under the same relative
+    name: the manifest's own folder wins."""
+    from ecgflowcmr.data.ecg_io import read_ecg
+
+    cfg, _ = trained
+    manifest_dir, elsewhere = tmp_path / "study", tmp_path / "elsewhere"
+    (manifest_dir / "ecg").mkdir(parents=True)
+    (elsewhere / "ecg").mkdir(parents=True)
+    for i, rec in enumerate(PTBXL_RECORDS[:2]):
+        np.save(manifest_dir / "ecg" / f"r{i}.npy", read_ecg(EXAMPLE_ECG_DIR / f"{rec}.hea"))
+        np.save(elsewhere / "ecg" / f"r{i}.npy", np.full((12, 5000), np.nan, np.float32))
+    (manifest_dir / "manifest.csv").write_text("subject_id,ecg_path\nP1,ecg/r0.npy\nP2,ecg/r1.npy\n")
+    monkeypatch.chdir(elsewhere)
+    c = tiny_config(cfg.run_path, "infer.previews=false")
+    out = tmp_path / "samples"
+    report = flow_infer.run(c, str(manifest_dir / "manifest.csv"), flow_infer.settings_from(c, out=str(out)),
+                            log=lambda *_: None)
+    assert (report.generated, report.bad) == (2, 0)
+    rows = _rows(out)
+    for i, subject in enumerate(("P1", "P2")):
+        assert rows[(subject, 0)]["status"] == "ok"
+        assert Path(rows[(subject, 0)]["source"]) == manifest_dir / "ecg" / f"r{i}.npy"

@@ -411,3 +411,17 @@ def test_curve_metrics_closed_forms():
     assert errors["es_frame_error"][0] == 1 and errors["ef_area_error"][0] == pytest.approx(5.0)
     summary = functional.summarise({"x": np.array([1.0, np.nan, 3.0])})
     assert summary == {"x": 2.0, "x_n": 2}
+
+
+def test_ef_area_takes_end_diastole_at_frame_0_not_at_the_largest_area():
+    """Frame 0 is ED by the cine contract, even where a later frame is larger (atrial kick,
+    segmentation noise): EF = 100 * (A(0) - min A) / A(0)."""
+    curves = np.array([[80.0, 100.0, 60.0, 90.0],       # max at frame 1: 25, not 40
+                       [50.0, 40.0, 30.0, 70.0],        # max at the last frame: 40, not 57.1
+                       [0.0, 10.0, 5.0, 8.0]])          # empty LV at ED: undefined
+    ef = functional.ef_area(curves)
+    assert ef[0] == pytest.approx(25.0) and ef[1] == pytest.approx(40.0) and np.isnan(ef[2])
+    ref = np.array([[100.0, 120.0, 50.0, 100.0]])      # EF 50 (not 58.3)
+    assert functional.compare_curves(curves[:1], ref)["ef_area_error"][0] == pytest.approx(25.0)
+    errors = functional.compare_to_ground_truth(curves[:2], gt_ef=[30.0, 45.0])
+    np.testing.assert_allclose(errors["ef_area_error"], [5.0, 5.0])

@@ -6,13 +6,16 @@ import math
 import warnings
 import xml.etree.ElementTree as ET
 
+import nibabel as nib
+import neurokit2 as nk
 import numpy as np
 import pandas as pd
 import pytest
 
+from ecgflowcmr.data import ecg_io
 from ecgflowcmr.data import phantom as ph
-
-nib = pytest.importorskip("nibabel")
+from ecgflowcmr.data import phantom_figure
+from ecgflowcmr.ecg import phase
 
 SEED = 0
 N = 5            # indices 0-3 form one class block: 2 normal, 1 dilated, 1 hypertrophic
@@ -125,8 +128,6 @@ def test_es_frame_is_the_smallest_lv_and_follows_t_end(phantom):
 
 def test_es_agrees_with_an_independent_delineator(phantom):
     """neurokit2's wavelet delineation of lead II read back from the XML (normal class: upright T)."""
-    nk = pytest.importorskip("neurokit2")
-    ecg_io = pytest.importorskip("ecgflowcmr.data.ecg_io")
     out, m = phantom
     normals = m[m["class"] == "normal"]
     assert len(normals) >= 2
@@ -216,7 +217,6 @@ def test_heart_rate_variability_and_noise(phantom):
 
 
 def test_ecg_xml_round_trip(phantom):
-    ecg_io = pytest.importorskip("ecgflowcmr.data.ecg_io", reason="ecg_io.read_ecg not written yet")
     out, m = phantom
     for row in m.itertuples():
         ecg = ecg_io.read_ecg(out / row.ecg_path)
@@ -226,8 +226,6 @@ def test_ecg_xml_round_trip(phantom):
 
 
 def test_rpeaks_match_the_pipeline_detector(phantom):
-    phase = pytest.importorskip("ecgflowcmr.ecg.phase", reason="ecgflowcmr.ecg.phase not written yet")
-    ecg_io = pytest.importorskip("ecgflowcmr.data.ecg_io", reason="ecg_io.read_ecg not written yet")
     out, m = phantom
     for row in m.itertuples():
         truth = json.loads((out / "truth" / f"{row.subject_id}.json").read_text())
@@ -241,9 +239,6 @@ def test_rpeaks_match_the_pipeline_detector(phantom):
 
 
 def test_figure(phantom, tmp_path):
-    pytest.importorskip("matplotlib")
-    from ecgflowcmr.data import phantom_figure
-
     out, m = phantom
     png = tmp_path / "fig.png"
     assert phantom_figure.main(["--subject", str(out / m.cmr_path[0]), "--out", str(png)]) == 0

@@ -248,7 +248,6 @@ def test_cli(raw, tmp_path):
 
 
 def test_phantom_round_trip(tmp_path):
-    pytest.importorskip("ecgflowcmr.data.phantom")
     out = tmp_path / "phantom"
     cfg = config_from_dict({"name": "p", "run_dir": str(tmp_path / "run"),
                             "data": {"phantom_dir": str(out), "phantom_n": 6, "workers": 2}})
