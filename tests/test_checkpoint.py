@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ecgflowcmr.utils.checkpoint import atomic_save, load_checkpoint, make_checkpoint, restore_checkpoint, state_hash
-from ecgflowcmr.utils.seed import rng_state, seed_everything, set_rng_state
+from ecgflowcmr.utils.seed import rng_state, seed_everything, set_cuda_rng_states, set_rng_state
 from ecgflowcmr.utils.train import EMA, build_optimizer, cosine_schedule
 
 
@@ -76,6 +76,15 @@ def test_rng_state_round_trip():
     set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), __import__("random").random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+@pytest.mark.parametrize("saved, visible, restored", [(4, 2, [0, 1]), (2, 4, [0, 1]), (3, 3, [0, 1, 2]), (1, 0, [])])
+def test_cuda_rng_states_follow_the_visible_devices(saved, visible, restored):
+    # a run saved on `saved` GPUs resumed on `visible` ones: restore what overlaps, never IndexError
+    calls = []
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(saved)]
+    n = set_cuda_rng_states(states, device_count=visible, setter=lambda st, index: calls.append((int(st[0]), index)))
+    assert n == len(restored) and calls == [(i, i) for i in restored]
 
 
 def test_cosine_schedule_shape():

@@ -112,7 +112,10 @@ def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_brid
     assert fits[0]["anchor_val_mse_template"] == pytest.approx(by_hand.item(), rel=1e-5)
     ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
     saved = {k: v.clone() for k, v in ckpt["anchor_head"]["state_dict"].items()}
-    assert saved["static.weight"].abs().sum() > 0          # fitted: no longer the zero initialisation
+    # early stopping keeps the best head on the val split: never worse than where it started
+    assert fits[0]["anchor_val_mse"] <= fits[0]["anchor_val_mse_template"]
+    assert 0 <= fits[0]["anchor_best_step"] <= 30
+    assert (saved["static.weight"].abs().sum() > 0) == (fits[0]["anchor_best_step"] > 0)
     assert ckpt["flow"]["anchor"] == "ecg" and ckpt["flow"]["motion_weight"] == 4.0
 
     train(cfg)                                   # resumes: the head is loaded, never re-fitted

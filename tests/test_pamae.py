@@ -216,8 +216,11 @@ def test_rerun_of_a_finished_run_does_nothing(trained_run):
     assert (run_dir / "ecg" / "last.pt").stat().st_mtime_ns == before
 
 
-def test_resume_is_exact(synth_data, tmp_path):
-    """4 steps straight (2 epochs of 2) == 3 steps (stopped inside epoch 2) + resume for 1 more."""
+@pytest.mark.parametrize("one_state", [False, True])
+def test_resume_is_exact(synth_data, tmp_path, one_state):
+    """4 steps straight (2 epochs of 2) == 3 steps (stopped inside epoch 2) + resume for 1 more.
+    The mask generator is saved per rank (a list); ``one_state``: a checkpoint of the older
+    single-state format resumes exactly too."""
     from ecgflowcmr.ecg.train import train
 
     common = TINY + [f"data.root={synth_data}", "ecg.epochs=2", "ecg.val_every=5"]
@@ -225,7 +228,12 @@ def test_resume_is_exact(synth_data, tmp_path):
     train(straight)
     part = load_config(None, common + [f"run_dir={tmp_path / 'b'}", "ecg.max_steps=3"])
     train(part)
-    assert torch.load(tmp_path / "b" / "ecg" / "last.pt", weights_only=True)["extra"]["epoch_step"] == 1
+    partial = torch.load(tmp_path / "b" / "ecg" / "last.pt", weights_only=True)
+    assert partial["extra"]["epoch_step"] == 1
+    assert isinstance(partial["extra"]["mask_rng"], list) and len(partial["extra"]["mask_rng"]) == 1
+    if one_state:
+        partial["extra"]["mask_rng"] = partial["extra"]["mask_rng"][0]
+        torch.save(partial, tmp_path / "b" / "ecg" / "last.pt")
     rest = load_config(None, common + [f"run_dir={tmp_path / 'b'}"])
     train(rest, resume=True)
     a = torch.load(tmp_path / "a" / "ecg" / "last.pt", weights_only=True)

@@ -22,8 +22,8 @@ from ..config import Config, ConfigError
 from ..utils.checkpoint import (atomic_save, checkpoint_to_resume, make_checkpoint,
                                 restore_checkpoint, state_hash)
 from ..utils.device import autocast, select_device
-from ..utils.dist import (barrier, cleanup, init_distributed, is_main, make_loader, rank, set_loader_epoch,
-                          wrap_ddp)
+from ..utils.dist import (all_gather_object, barrier, cleanup, init_distributed, is_main, make_loader, rank,
+                          set_loader_epoch, world_size, wrap_ddp)
 from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
 from ..utils.train import build_optimizer, clip_grad, cosine_schedule
@@ -136,7 +136,14 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
         epoch_step = int(ckpt["extra"].get("epoch_step", 0))
         best = float(ckpt["extra"].get("best_val_loss", math.inf))
         val_metrics = ckpt["extra"].get("val", {})
-        mask_rng.set_state(ckpt["extra"]["mask_rng"])
+        saved = ckpt["extra"]["mask_rng"]
+        saved = saved if isinstance(saved, list) else [saved]          # one state per rank
+        if len(saved) == world_size():
+            mask_rng.set_state(saved[rank()])
+        else:
+            log.warning("last.pt has mask RNG states of %d processes, this run has %d: masks continue from a "
+                        "fresh generator (not bit-exact)", len(saved), world_size())
+            mask_rng.manual_seed(cfg.seed * 1009 + rank() + 7919 * step)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("stage 1 PA-MAE: %d train / %d val records, %.2fM parameters, %d steps/epoch, device %s",
              len(train_set), len(val_set), n_params / 1e6, steps_per_epoch, device)
@@ -144,7 +151,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
     def save(path, extra_val):
         extra = {"best_val_loss": best, "epoch_step": epoch_step, "val": extra_val,
                  "steps_per_epoch": steps_per_epoch, "encoder_hash": state_hash(model.encoder.state_dict()),
-                 "mask_rng": mask_rng.get_state()}
+                 "mask_rng": mask_states}
         atomic_save(make_checkpoint(model, optimizer, scheduler, step=step, epoch=epoch,
                                     config=cfg.to_dict(), extra=extra), path)
 
@@ -188,6 +195,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
             epoch_step = 0
         stopping = epoch >= e.epochs or bool(e.max_steps and step >= e.max_steps)
         validate = (finished_epoch and epoch % e.val_every == 0) or stopping
+        mask_states = all_gather_object(mask_rng.get_state())           # collective: every rank's masks resume
         if is_main():
             train_means = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
             if validate:

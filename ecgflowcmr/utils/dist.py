@@ -103,6 +103,15 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(tensor.data, src=src)
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
     """Average a scalar over ranks (identity when not distributed)."""
     tensor = torch.as_tensor(value, dtype=torch.float64, device=device)

@@ -35,4 +35,18 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        set_cuda_rng_states(state["cuda"])
+
+
+def set_cuda_rng_states(states: list, device_count: int | None = None, setter=None) -> int:
+    """Restore the saved CUDA generator states of the devices that exist now; returns how many.
+
+    A run saved on N GPUs may resume on a machine (or a ``CUDA_VISIBLE_DEVICES``) with fewer or
+    more: devices beyond the saved list keep their fresh seed, saved states beyond the visible
+    devices are dropped (``torch.cuda.set_rng_state_all`` would raise IndexError)."""
+    count = torch.cuda.device_count() if device_count is None else device_count
+    setter = setter or (lambda st, index: torch.cuda.set_rng_state(st, index))
+    restored = min(len(states), count)
+    for index in range(restored):
+        setter(states[index], index)
+    return restored
