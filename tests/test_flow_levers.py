@@ -117,6 +117,7 @@ def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_brid
     assert 0 <= fits[0]["anchor_best_step"] <= 30
     assert (saved["static.weight"].abs().sum() > 0) == (fits[0]["anchor_best_step"] > 0)
     assert ckpt["flow"]["anchor"] == "ecg" and ckpt["flow"]["motion_weight"] == 4.0
+    assert ckpt["flow"]["residual_input"] is True                     # flow.anchor_residual's default
 
     train(cfg)                                   # resumes: the head is loaded, never re-fitted
     log = [json.loads(line) for line in (run / "flow" / "log.jsonl").read_text().splitlines()]
@@ -126,7 +127,7 @@ def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_brid
     assert all(torch.equal(saved[k], v) for k, v in ckpt["anchor_head"]["state_dict"].items())
 
     pipe = ECGToCine.from_checkpoint(run / "flow" / "last.pt")
-    assert pipe.anchor_head is not None
+    assert pipe.anchor_head is not None and pipe.anchor.residual_input
     ecg = torch.randn(2, 12, 5000) * 0.1
     out = pipe.generate(ecg, seeds=[1, 2], steps=2)
     regressed = pipe.regress(ecg)
@@ -161,3 +162,22 @@ def test_snapshots_hold_the_ema_weights_at_the_requested_steps(tmp_path, fake_br
     assert final["step"] == 4
     assert any(not torch.equal(last["ema"][k], final["ema"][k]) for k in final["ema"])   # a step later: moved
     assert ECGToCine.from_checkpoint(snaps[0]).info["step"] == 1
+
+
+def test_residual_input_moves_the_network_into_the_anchors_frame():
+    """The network sees z_t - head(ECG); the target velocity is unchanged. An oracle that knows only
+    the residual r1 = z1 - mean (not the subject's anchor) has zero loss in that frame only."""
+    g = torch.Generator().manual_seed(1)
+    z1, noise, mean = (torch.randn(2, 4, 6, 2, 2, generator=g) for _ in range(3))
+    t = torch.tensor([0.3, 0.7])
+    r1 = z1 - mean
+
+    def residual_oracle(r_t, t_, **_):
+        return (r1 - r_t) / (1 - t_).view(-1, 1, 1, 1, 1)
+
+    residual = TemplateAnchor(torch.zeros(4, 1, 2, 2), alpha=1.0, residual_input=True)
+    absolute = TemplateAnchor(torch.zeros(4, 1, 2, 2), alpha=1.0)
+    assert flow_matching_loss(residual_oracle, z1, residual, t, noise, anchor_mean=mean).item() < 1e-10
+    assert flow_matching_loss(residual_oracle, z1, absolute, t, noise, anchor_mean=mean).item() > 0.1
+    # the template anchor is never shifted
+    assert torch.equal(residual.model_input(z1, None), z1)

@@ -11,7 +11,8 @@ everything inference needs, so ``infer_flow.py`` needs nothing else::
     ckpt["vae"]                   {"config": vae section, "state_dict", "hash"}
     ckpt["template"]              latents/template.pt dict {"template", "mean", "std", "vae_hash", ...}
     ckpt["flow"]                  {"latent_norm": {"mean", "std"}, "alpha", "use_template",
-                                   "latent_shape", "normalized": bool, "anchor", "motion_weight"}
+                                   "latent_shape", "normalized": bool, "anchor", "motion_weight",
+                                   "residual_input"}
     ckpt["anchor_head"]           {"arch", "state_dict", "fit"}: the ECG anchor head (flow.anchor=ecg)
     ckpt["extra"]                 {"vae_hash", "template_hash", "ecg_hash", best metric, ...}
 
@@ -193,14 +194,16 @@ class ECGToCine:
 
     def __init__(self, dit: FlowDiT, encoder: nn.Module, vae: nn.Module, template: dict,
                  norm: LatentNorm, alpha: float, use_template: bool, device: torch.device,
-                 info: dict | None = None, amp: bool = True, anchor_head: AnchorHead | None = None):
+                 info: dict | None = None, amp: bool = True, anchor_head: AnchorHead | None = None,
+                 residual_input: bool = False):
         self.dit = dit.to(device).eval()
         self.encoder = encoder.to(device).eval() if encoder is not None else None
         self.vae = vae.to(device).eval() if vae is not None else None
         self.template = template
         self.norm = norm
         self.alpha, self.use_template = float(alpha), bool(use_template)
-        self.anchor = TemplateAnchor(norm.normalize(template["template"].float()[None])[0], alpha, use_template)
+        self.anchor = TemplateAnchor(norm.normalize(template["template"].float()[None])[0], alpha, use_template,
+                                     residual_input)
         self.latent_shape = (int(template["template"].shape[0]), dit.arch["num_frames"],
                              dit.arch["latent_size"], dit.arch["latent_size"])
         self.anchor_head = anchor_head.to(device).eval() if anchor_head is not None else None
@@ -248,7 +251,8 @@ class ECGToCine:
                 "weights": "ema" if state is ckpt.get("ema") else "model",
                 "vae_hash": v_hash, "template_hash": t_hash, "ecg_hash": e_hash}
         return cls(dit, encoder, vae, template, LatentNorm.from_dict(flow["latent_norm"]),
-                   flow["alpha"], flow["use_template"], device, info, amp, anchor_head)
+                   flow["alpha"], flow["use_template"], device, info, amp, anchor_head,
+                   bool(flow.get("residual_input", False)))
 
     # -- pieces -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,9 +279,11 @@ class ECGToCine:
         def model(z, t, tokens, pooled, drop):
             with autocast(self.device, self.amp):
                 return self.dit(z, t, tokens, pooled, drop).float()
-        velocity = guided_velocity(model, ecg_tokens.to(self.device).float(),
-                                   ecg_pooled.to(self.device).float(), guidance)
-        return integrate(velocity, self.initial(noise, self.anchor_mean(ecg_tokens, ecg_pooled)), steps, sampler)
+        guided = guided_velocity(model, ecg_tokens.to(self.device).float(), ecg_pooled.to(self.device).float(),
+                                 guidance)
+        mean = self.anchor_mean(ecg_tokens, ecg_pooled)
+        return integrate(lambda z, t: guided(self.anchor.model_input(z, mean), t), self.initial(noise, mean),
+                         steps, sampler)
 
     @torch.no_grad()
     def decode(self, latents_norm: torch.Tensor, chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -402,7 +402,8 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                            "train_disentangle_vae3d.py --extract-only with this config.")
     t_hash = template_hash(template)
     norm = LatentNorm.from_template(template)
-    anchor = TemplateAnchor(norm.normalize(template["template"][None])[0], fl.alpha, fl.use_template)
+    anchor = TemplateAnchor(norm.normalize(template["template"][None])[0], fl.alpha, fl.use_template,
+                            residual_input=fl.anchor == "ecg" and fl.anchor_residual)
     splits = {s: LatentSplit(paths.latents, s) for s in LATENT_SPLITS}
     latent_shape = splits["train"].latent_shape
     if len(splits["train"]) == 0:
@@ -520,6 +521,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                      "flow": {"latent_norm": norm.to_dict(), "alpha": fl.alpha, "use_template": fl.use_template,
                               "latent_shape": list(latent_shape), "normalized": True,
                               "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
+                              "residual_input": anchor.residual_input,
                               "motion_weight": fl.motion_weight}})
         if anchor_head is not None:
             ckpt["anchor_head"] = {"arch": dict(anchor_head.arch), "fit": anchor_fit,
@@ -531,7 +533,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
             return
         enc = ema.module.encoder if fl.ecg_finetune else encoder
         pipe = ECGToCine(ema.module.dit, enc, vae, template, norm, fl.alpha, fl.use_template, device, amp=fl.amp,
-                         anchor_head=anchor_head)
+                         anchor_head=anchor_head, residual_input=anchor.residual_input)
         paths_written = write_previews(pipe, prepared, splits["val"], out / "previews", tag, cfg.infer.seed,
                                        cfg.infer.sampler, cfg.infer.steps, cfg.infer.guidance)
         log.info("previews: %s", ", ".join(paths_written))

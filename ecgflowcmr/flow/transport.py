@@ -15,7 +15,11 @@ Convention (stored in every flow checkpoint, applied automatically at inference)
   The template ``(C, 1, h, w)`` is broadcast over the 50 frames: every video starts at the static
   population anatomy, and the flow only has to add this subject's anatomy and its ECG-timed motion.
 * ``flow.anchor=ecg``: the anchor's mean is a per-subject prediction from the ECG
-  (``flow/anchor.py``) instead of the template: ``z0 = head(ECG) + alpha * eps``.
+  (``flow/anchor.py``) instead of the template: ``z0 = head(ECG) + alpha * eps``. With
+  ``flow.anchor_residual`` the network sees ``z_t - head(ECG)`` (the flow in the anchor's frame;
+  the velocity is unchanged, as the anchor does not move with t). Otherwise it would have to
+  recompute the subject's anchor from the ECG to tell it apart from the noise in ``z_t``; with
+  the template, a constant, that costs nothing.
 * Motion weighting (``flow.motion_weight`` w): the error ``e`` splits into its time mean and the
   motion ``e - mean_T(e)`` (orthogonal parts), and the loss is ``MSE(e) + w * MSE(motion)``.
   Most latent variance is anatomy the ECG cannot reveal; the weight keeps the ECG-timed motion
@@ -92,10 +96,16 @@ class TemplateAnchor:
     ``template``: normalised template ``(C, 1, H, W)`` (or ``(C, T, H, W)``).
     """
 
-    def __init__(self, template: torch.Tensor, alpha: float = 1.0, use_template: bool = True):
+    def __init__(self, template: torch.Tensor, alpha: float = 1.0, use_template: bool = True,
+                 residual_input: bool = False):
         self.template = template.detach().float()
         self.alpha = float(alpha)
         self.use_template = bool(use_template)
+        self.residual_input = bool(residual_input)
+
+    def model_input(self, z: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+        """What the velocity network sees of ``z``: ``z - mean`` for a residual ECG anchor, else ``z``."""
+        return z - mean.to(z.dtype) if self.residual_input and mean is not None else z
 
     def sample(self, noise: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """``noise (B, C, T, H, W)`` ~ N(0, I) -> ``z0`` of the same shape. ``mean``: a per-sample
@@ -161,7 +171,7 @@ def flow_matching_loss(velocity_fn, z1: torch.Tensor, anchor: TemplateAnchor, t:
     """
     z0 = anchor.sample(noise, anchor_mean)
     z_t = interpolate(z0, z1, t)
-    pred = velocity_fn(z_t, t, **cond)
+    pred = velocity_fn(anchor.model_input(z_t, anchor_mean), t, **cond)
     per_sample = motion_weighted_mse(pred, target_velocity(z0, z1), motion_weight)
     return per_sample.mean() if reduce else per_sample
 
