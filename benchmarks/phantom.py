@@ -62,12 +62,12 @@ TRAINED = {
     "ecg_anchor_motion_alpha_0.5": (["flow.anchor=ecg", f"flow.motion_weight={MOTION_WEIGHT}", "flow.alpha=0.5"],
                                     False),
     "ecg_finetune": (["flow.ecg_finetune=true"], False),        # the encoder trains with the flow
-    # the ECG anchor with the DiT reading z_t itself, not z_t - head(ECG)
-    "ecg_anchor_abs": (["flow.anchor=ecg", "flow.anchor_residual=false"], False),
-    "ecg_anchor_motion_abs": (["flow.anchor=ecg", "flow.anchor_residual=false", f"flow.motion_weight={MOTION_WEIGHT}"],
-                              False),
-    "ecg_anchor_motion_alpha_0.5_abs": (["flow.anchor=ecg", "flow.anchor_residual=false",
-                                         f"flow.motion_weight={MOTION_WEIGHT}", "flow.alpha=0.5"], False),
+    # the ECG anchor with the DiT reading z_t - head(ECG) instead of z_t
+    "ecg_anchor_residual": (["flow.anchor=ecg", "flow.anchor_residual=true"], False),
+    "ecg_anchor_motion_residual": (["flow.anchor=ecg", "flow.anchor_residual=true",
+                                    f"flow.motion_weight={MOTION_WEIGHT}"], False),
+    "ecg_anchor_motion_alpha_0.5_residual": (["flow.anchor=ecg", "flow.anchor_residual=true",
+                                              f"flow.motion_weight={MOTION_WEIGHT}", "flow.alpha=0.5"], False),
 }
 # name -> (sampler, steps, guidance), all from the full model. alpha 1.0 = "full".
 SAMPLED = {

@@ -94,12 +94,13 @@ def fake_bridges(monkeypatch):
     use_bridges(monkeypatch, real_ecg=False, real_vae=False)
 
 
-def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_bridges):
+@pytest.mark.parametrize("residual", [False, True])
+def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_bridges, residual):
     from ecgflowcmr.flow.trainer import train
 
     run = build_run(tmp_path / "run", n=12, real_ecg=False, real_vae=False)
     cfg = tiny_config(run, "flow.epochs=2", "flow.anchor=ecg", "flow.anchor_steps=30", "flow.anchor_hidden=16",
-                      "flow.motion_weight=4")
+                      "flow.motion_weight=4", f"flow.anchor_residual={str(residual).lower()}")
     train(cfg, stop_after_epochs=1)
     log = [json.loads(line) for line in (run / "flow" / "log.jsonl").read_text().splitlines()]
     fits = [r for r in log if "anchor_val_mse" in r]
@@ -117,7 +118,7 @@ def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_brid
     assert 0 <= fits[0]["anchor_best_step"] <= 30
     assert (saved["static.weight"].abs().sum() > 0) == (fits[0]["anchor_best_step"] > 0)
     assert ckpt["flow"]["anchor"] == "ecg" and ckpt["flow"]["motion_weight"] == 4.0
-    assert ckpt["flow"]["residual_input"] is True                     # flow.anchor_residual's default
+    assert ckpt["flow"]["residual_input"] is residual
 
     train(cfg)                                   # resumes: the head is loaded, never re-fitted
     log = [json.loads(line) for line in (run / "flow" / "log.jsonl").read_text().splitlines()]
@@ -127,7 +128,7 @@ def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_brid
     assert all(torch.equal(saved[k], v) for k, v in ckpt["anchor_head"]["state_dict"].items())
 
     pipe = ECGToCine.from_checkpoint(run / "flow" / "last.pt")
-    assert pipe.anchor_head is not None and pipe.anchor.residual_input
+    assert pipe.anchor_head is not None and pipe.anchor.residual_input is residual
     ecg = torch.randn(2, 12, 5000) * 0.1
     out = pipe.generate(ecg, seeds=[1, 2], steps=2)
     regressed = pipe.regress(ecg)

@@ -17,9 +17,9 @@ Convention (stored in every flow checkpoint, applied automatically at inference)
 * ``flow.anchor=ecg``: the anchor's mean is a per-subject prediction from the ECG
   (``flow/anchor.py``) instead of the template: ``z0 = head(ECG) + alpha * eps``. With
   ``flow.anchor_residual`` the network sees ``z_t - head(ECG)`` (the flow in the anchor's frame;
-  the velocity is unchanged, as the anchor does not move with t). Otherwise it would have to
-  recompute the subject's anchor from the ECG to tell it apart from the noise in ``z_t``; with
-  the template, a constant, that costs nothing.
+  the velocity is unchanged, as the anchor does not move with t), so it need not recompute the
+  subject's anchor to tell it apart from the noise. On the phantom bench that lowers the
+  validation loss but gives worse cines than the network seeing ``z_t`` (docs/flow_levers.md).
 * Motion weighting (``flow.motion_weight`` w): the error ``e`` splits into its time mean and the
   motion ``e - mean_T(e)`` (orthogonal parts), and the loss is ``MSE(e) + w * MSE(motion)``.
   Most latent variance is anatomy the ECG cannot reveal; the weight keeps the ECG-timed motion
