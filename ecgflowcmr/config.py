@@ -379,8 +379,9 @@ def _validate(cfg: Config) -> None:
              "the ECG anchor replaces the template: it needs flow.use_template=true")
     _require(fl.anchor == "template" or not fl.ecg_finetune, "flow.anchor",
              "the ECG anchor is fitted on the frozen encoder's tokens: use flow.ecg_finetune=false")
-    _require(fl.anchor_hidden >= 1 and fl.anchor_steps >= 0 and fl.anchor_lr > 0, "flow.anchor_hidden",
-             "anchor_hidden >= 1, anchor_steps >= 0 and anchor_lr > 0")
+    _require(fl.anchor_hidden >= 1, "flow.anchor_hidden", "must be >= 1")
+    _require(fl.anchor_steps >= 0, "flow.anchor_steps", "must be >= 0")
+    _require(fl.anchor_lr > 0, "flow.anchor_lr", "must be > 0")
     _require(fl.motion_weight >= 0, "flow.motion_weight", "must be >= 0")
     _require(all(s >= 1 for s in fl.snapshot_steps), "flow.snapshot_steps", "steps must be >= 1")
     _require(0 <= fl.cfg_drop < 1, "flow.cfg_drop", "must be in [0, 1)")

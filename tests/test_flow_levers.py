@@ -83,6 +83,9 @@ def test_anchor_head_starts_at_the_template_and_learns_an_ecg_determined_latent(
     (["flow.anchor=ecg", "flow.use_template=false"], "flow.anchor"),
     (["flow.anchor=ecg", "flow.ecg_finetune=true"], "flow.anchor"),
     (["flow.motion_weight=-1"], "flow.motion_weight"),
+    (["flow.anchor_hidden=0"], "flow.anchor_hidden"),
+    (["flow.anchor_steps=-1"], "flow.anchor_steps"),
+    (["flow.anchor_lr=0"], "flow.anchor_lr"),
 ])
 def test_bad_lever_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):

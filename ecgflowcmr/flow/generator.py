@@ -187,6 +187,12 @@ class Generated:
     end: torch.Tensor
     fallback: torch.Tensor
 
+    @classmethod
+    def of(cls, cine: torch.Tensor, latents: torch.Tensor, cycle) -> "Generated":
+        """With the chosen cycle of the encoder output ``cycle``."""
+        return cls(cine, latents, cycle.start.detach().cpu().long(), cycle.end.detach().cpu().long(),
+                   cycle.fallback.detach().cpu().bool())
+
 
 class ECGToCine:
     """ECG-only generation: encoder -> flow ODE from the anchor (template, or the ECG anchor head)
@@ -302,8 +308,7 @@ class ECGToCine:
             raise ValueError("this flow checkpoint has no ECG anchor head (train with flow.anchor=ecg)")
         out = cycle if cycle is not None else self.encode(ecg)
         cine, latents = self.decode(self.anchor_mean(out.tokens, out.pooled))
-        return Generated(cine, latents, out.start.detach().cpu().long(), out.end.detach().cpu().long(),
-                         out.fallback.detach().cpu().bool())
+        return Generated.of(cine, latents, out)
 
     @torch.no_grad()
     def template_video(self) -> torch.Tensor:
@@ -322,8 +327,7 @@ class ECGToCine:
         noise = seeded_noise_batch(seeds, self.latent_shape)
         z = self.sample_latents(out.tokens, out.pooled, noise, sampler, steps, guidance)
         cine, latents = self.decode(z)
-        return Generated(cine, latents, out.start.detach().cpu().long(), out.end.detach().cpu().long(),
-                         out.fallback.detach().cpu().bool())
+        return Generated.of(cine, latents, out)
 
 
 # ----------------------------------------------------------------------------------------------

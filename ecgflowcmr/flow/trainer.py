@@ -186,6 +186,11 @@ def _condition(batch: dict, device: torch.device) -> dict:
     return {"ecg": batch["ecg"].to(device, non_blocking=True)}
 
 
+def _stack(items: list[dict]) -> dict:
+    """Dataset items -> a batch (what the DataLoader's default collate gives, without a loader)."""
+    return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+
+
 @torch.no_grad()
 def _anchor_mean(head: AnchorHead | None, cond: dict) -> torch.Tensor | None:
     """The ECG anchor of a batch ``(B, C, T, h, w)`` (None: the template anchor)."""
@@ -209,11 +214,9 @@ def fit_anchor_head(head: AnchorHead, train: "FlowDataset", val: "FlowDataset", 
         total = 0.0
         with torch.no_grad():
             for lo in range(0, len(val), 32):
-                items = [val[i] for i in range(lo, min(len(val), lo + 32))]
-                tokens = torch.stack([it["tokens"] for it in items]).to(device)
-                pooled = torch.stack([it["pooled"] for it in items]).to(device)
-                z1 = torch.stack([it["z1"] for it in items]).to(device)
-                total += float(motion_weighted_mse(head(tokens, pooled), z1).sum())
+                batch = _stack([val[i] for i in range(lo, min(len(val), lo + 32))])
+                pred = head(batch["tokens"].to(device), batch["pooled"].to(device))
+                total += float(motion_weighted_mse(pred, batch["z1"].to(device)).sum())
         return total / len(val)
 
     before = val_mse()
@@ -287,7 +290,7 @@ def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device:
     total, count = 0.0, 0
     for lo in range(0, len(rows), batch_size):
         items = [dataset[r] for r in rows[lo:lo + batch_size]]
-        batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        batch = _stack(items)
         z1 = batch["z1"].to(device)
         cond = _condition(batch, device)
         anchor_mean = _anchor_mean(anchor_head, cond)
