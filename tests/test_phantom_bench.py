@@ -56,11 +56,24 @@ def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
     base = load_config(str(ROOT / "configs" / "phantom_bench.yaml"))
     no_pamae = load_config(str(ROOT / "configs" / "phantom_bench.yaml"), bench.TRAINED["no_pamae"][0])
     assert (no_pamae.ecg.phase_weight, no_pamae.ecg.cycle_mode) == (0.0, "window")
-    assert load_config(str(ROOT / "configs" / "phantom_bench.yaml"),
-                       bench.TRAINED["no_template"][0]).flow.use_template is False
-    alphas = {load_config(str(ROOT / "configs" / "phantom_bench.yaml"), bench.TRAINED[n][0]).flow.alpha
-              for n in bench.TRAINED if n.startswith("alpha_")}
-    assert alphas | {base.flow.alpha} == {0.25, 0.5, 1.0, 1.5}
+
+    def flow_of(name):
+        return load_config(str(ROOT / "configs" / "phantom_bench.yaml"), bench.TRAINED[name][0]).flow
+
+    assert (base.flow.anchor, base.flow.alpha, base.flow.motion_weight) == ("ecg", 0.5, bench.MOTION_WEIGHT)
+    assert (flow_of("no_template").use_template, flow_of("no_template").anchor) == (False, "template")
+    paper = flow_of("paper")
+    assert (paper.anchor, paper.alpha, paper.motion_weight) == ("template", 1.0, 0.0)
+    # each paper_* row is the paper's flow with its lever switched on, nothing else
+    for name in (n for n in bench.TRAINED if n.startswith("paper_")):
+        changed = {k for k, v in vars(flow_of(name)).items() if vars(paper)[k] != v}
+        assert changed and changed <= {"anchor", "motion_weight", "alpha", "ecg_finetune", "anchor_residual",
+                                       "epochs"}, (name, changed)
+    alphas = {flow_of(n).alpha for n in bench.TRAINED if n.startswith("alpha_")}
+    assert alphas | {base.flow.alpha} == {0.25, 0.5, 1.0}
+    for name in (n for n in bench.TRAINED if n.startswith("seed_")):
+        cfg = load_config(str(ROOT / "configs" / "phantom_bench.yaml"), bench.TRAINED[name][0])
+        assert cfg.seed != base.seed and vars(cfg.flow) == vars(base.flow)
     assert {(s, k) for s, k, _ in bench.SAMPLED.values()} >= {("euler", 1), ("euler", 2), ("euler", 4),
                                                                ("euler", 10), ("heun", 5)}
     assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0}
