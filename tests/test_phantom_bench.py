@@ -91,3 +91,21 @@ def test_rescoring_some_variants_keeps_the_other_rows(bench, tmp_path):
     # another config's table is replaced, not merged
     bench.write_table({"full": {"psnr": 9.0, "n_videos": 2}}, {"config": "d.yaml"}, tmp_path, "d.yaml")
     assert list(json.loads((tmp_path / "phantom_bench.json").read_text())["rows"]) == ["full"]
+
+
+def test_vae_study_variants_are_valid_configs_and_its_table_merges(tmp_path):
+    from ecgflowcmr.config import load_config
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("vae_study", ROOT / "benchmarks" / "vae_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    base = load_config(str(ROOT / "configs" / "phantom_bench.yaml")).vae
+    for name, overrides in study.VARIANTS.items():
+        changed = {k for k, v in vars(load_config(str(ROOT / "configs" / "phantom_bench.yaml"), overrides).vae).items()
+                   if vars(base)[k] != v}
+        assert (name == "bench") == (not changed), (name, changed)
+    study.write_table({"bench": {"psnr": 23.5, "train_seconds": 600.0}}, tmp_path, "c.yaml")
+    text = study.write_table({"steps_2x": {"psnr": 24.0, "train_seconds": 1200.0}}, tmp_path, "c.yaml")
+    assert "| bench | (bench VAE) | 600.0 |" in text and "| steps_2x | vae.epochs=20 | 1200.0 |" in text
+    assert list(json.loads((tmp_path / "vae_study.json").read_text())["rows"]) == ["bench", "steps_2x"]
