@@ -181,3 +181,16 @@ def test_residual_input_moves_the_network_into_the_anchors_frame():
     assert flow_matching_loss(residual_oracle, z1, absolute, t, noise, anchor_mean=mean).item() > 0.1
     # the template anchor is never shifted
     assert torch.equal(residual.model_input(z1, None), z1)
+
+
+def test_a_checkpoint_that_predates_a_lever_key_resumes_as_its_default():
+    from ecgflowcmr.flow.trainer import _config_diffs
+
+    new = load_config("configs/demo.yaml", ["flow.anchor=template", "flow.alpha=1.0", "flow.motion_weight=0"]).to_dict()
+    old = json.loads(json.dumps(new))
+    for key in ("anchor", "anchor_residual", "motion_weight"):   # written before these keys existed
+        del old["flow"][key]
+    assert _config_diffs(old, new) == []
+    changed = load_config("configs/demo.yaml", ["flow.anchor=template", "flow.alpha=1.0",
+                                                "flow.motion_weight=3"]).to_dict()
+    assert _config_diffs(old, changed) == ["flow.motion_weight: 0.0 -> 3.0"]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, FlowConfig
 from ..utils import dist as udist
 from ..utils.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, make_checkpoint, restore_checkpoint
 from ..utils.device import autocast, select_device
@@ -343,9 +343,13 @@ def _ema_decay(target: float, step: int) -> float:
 
 
 def _config_diffs(old: dict, new: dict) -> list[str]:
-    """Differences that make ``last.pt`` a different run (flow section except RESUMABLE_KEYS, seed)."""
-    diffs = [f"flow.{k}: {old.get('flow', {}).get(k)!r} -> {v!r}" for k, v in new["flow"].items()
-             if k not in RESUMABLE_KEYS and old.get("flow", {}).get(k) != v]
+    """Differences that make ``last.pt`` a different run (flow section except RESUMABLE_KEYS, seed).
+
+    A key the checkpoint predates counts as its default: new keys default to the old behaviour."""
+    defaults = vars(FlowConfig())
+    old_flow = {**defaults, **old.get("flow", {})}
+    diffs = [f"flow.{k}: {old_flow.get(k)!r} -> {v!r}" for k, v in new["flow"].items()
+             if k not in RESUMABLE_KEYS and old_flow.get(k) != v]
     if old.get("ecg", {}).get("cycle_mode") != new["ecg"]["cycle_mode"]:      # picks the ECG tokens
         diffs.append(f"ecg.cycle_mode: {old.get('ecg', {}).get('cycle_mode')!r} -> {new['ecg']['cycle_mode']!r}")
     if old.get("seed") != new["seed"]:
