@@ -64,6 +64,14 @@ TRAINED = {
     "alpha_1.0_residual_frame": (["flow.alpha=1.0", "flow.anchor_residual=true"], False),
     "residual_frame": (["flow.anchor_residual=true"], False),    # the DiT reads z_t - head(ECG), not z_t
     "full_3x": (["flow.epochs=60"], False),                      # 3x the flow steps: how compute-bound?
+    # the DiT's size and the optimiser at about the full model's compute: epochs divided by the ratio of
+    # training FLOPs per step (torch.utils.flop_counter, batch 8: 12.9 GFLOP for the full model's DiT)
+    "batch_16": (["flow.batch_size=16"], False),                 # half the steps, the same samples
+    "lr_1e-3": (["flow.lr=1.0e-3"], False),
+    "lr_4e-3": (["flow.lr=4.0e-3"], False),
+    "width_96": (["flow.hidden=96", "flow.heads=4", "flow.epochs=9"], False),   # 2.24x FLOPs per step
+    "depth_4": (["flow.depth=4", "flow.epochs=10"], False),                      # 1.99x
+    "patch_1": (["flow.patch_size=1", "flow.epochs=5"], False),                  # 3.95x (4x tokens)
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, False),
     "paper_3x": ([*PAPER, "flow.epochs=60"], False),
