@@ -296,6 +296,10 @@ def faithfulness(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, seed: int, bat
     }
 
 
+def show(name: str, row: dict) -> None:
+    print(name, {k: fmt(v) for k, v in row.items() if not k.startswith("_")}, flush=True)
+
+
 def fmt(v, digits=3):
     if v is None or (isinstance(v, float) and np.isnan(v)):  # nan: e.g. the correlation of a constant curve
         return "n/a"
@@ -375,12 +379,12 @@ def main() -> None:
         gen = full if name == "full" else ECGToCine.from_checkpoint(ckpts[name], device)
         cines, spv = generate_split(gen, ecg, scorer.ids, inf.sampler, inf.steps, inf.guidance, seed, batch)
         rows[name] = scorer.score(cines, spv)
-        print(name, {k: fmt(v) for k, v in rows[name].items() if not k.startswith("_")}, flush=True)
+        show(name, rows[name])
     for name, (sampler, steps, guidance) in SAMPLED.items():
         if name in wanted:
             cines, spv = generate_split(full, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
             rows[name] = scorer.score(cines, spv)
-            print(name, {k: fmt(v) for k, v in rows[name].items() if not k.startswith("_")}, flush=True)
+            show(name, rows[name])
     if "nearest_neighbour" in wanted:
         cines, spv = nearest_neighbour(full, scorer.prepared, scorer.test, batch)
         rows["nearest_neighbour"] = scorer.score(cines, spv)
@@ -396,6 +400,9 @@ def main() -> None:
         rows["population_mean"] = scorer.population_mean()
     if "vae_reconstruction" in wanted:
         rows["vae_reconstruction"] = scorer.score(vae_reconstruction(full, scorer.prepared, scorer.test, batch), None)
+    for name in (*BASELINES, *CEILINGS):
+        if name in rows:
+            show(name, rows[name])
     extra = {"config": args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
              "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
              "device": str(device), "torch_threads": torch.get_num_threads()}
