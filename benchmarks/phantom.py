@@ -374,42 +374,44 @@ def main() -> None:
     ecg = np.asarray(scorer.prepared.ecg[scorer.test], dtype=np.float32)
     inf, seed, batch = cfg.infer, cfg.infer.seed, cfg.infer.batch_size
     rows: dict[str, dict] = {}
+    extra = {"config": args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
+             "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
+             "device": str(device), "torch_threads": torch.get_num_threads()}
+
+    def record(name: str, row: dict) -> None:
+        """Keep a scored row and rewrite the table at once: an interrupted run loses only the row in hand."""
+        rows[name] = row
+        show(name, row)
+        write_table(rows, extra, out, args.config)
+
     full = ECGToCine.from_checkpoint(ckpts["full"], device)
     for name in trained:
         gen = full if name == "full" else ECGToCine.from_checkpoint(ckpts[name], device)
         cines, spv = generate_split(gen, ecg, scorer.ids, inf.sampler, inf.steps, inf.guidance, seed, batch)
-        rows[name] = scorer.score(cines, spv)
-        show(name, rows[name])
-    for name, (sampler, steps, guidance) in SAMPLED.items():
-        if name in wanted:
-            cines, spv = generate_split(full, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
-            rows[name] = scorer.score(cines, spv)
-            show(name, rows[name])
-    if "nearest_neighbour" in wanted:
-        cines, spv = nearest_neighbour(full, scorer.prepared, scorer.test, batch)
-        rows["nearest_neighbour"] = scorer.score(cines, spv)
-    if "ecg_regressor" in wanted:            # the full model's ECG anchor head alone, decoded: the
-        t0, out_cines = time.perf_counter(), []   # cross-modal autoencoder (needs flow.anchor=ecg)
-        for i in range(0, len(ecg), batch):
-            out_cines.append(full.regress(torch.from_numpy(ecg[i:i + batch])).cine.numpy())
-        rows["ecg_regressor"] = scorer.score(np.concatenate(out_cines),
-                                             (time.perf_counter() - t0) / max(1, len(ecg)))
-    if "template_only" in wanted:
-        rows["template_only"] = scorer.score(template_only(full, len(scorer.ids)), None)
-    if "population_mean" in wanted:
-        rows["population_mean"] = scorer.population_mean()
-    if "vae_reconstruction" in wanted:
-        rows["vae_reconstruction"] = scorer.score(vae_reconstruction(full, scorer.prepared, scorer.test, batch), None)
-    for name in (*BASELINES, *CEILINGS):
-        if name in rows:
-            show(name, rows[name])
-    extra = {"config": args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
-             "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
-             "device": str(device), "torch_threads": torch.get_num_threads()}
+        record(name, scorer.score(cines, spv))
     if "faithfulness" in wanted:
         model = full if args.swap_model == "full" else ECGToCine.from_checkpoint(ckpts[args.swap_model], device)
         key = "faithfulness" + ("" if args.swap_model == "full" else f"_{args.swap_model}")
         extra[key] = faithfulness(model, scorer, ecg, seed, batch, inf.steps)
+        print(key, extra[key], flush=True)
+    for name, (sampler, steps, guidance) in SAMPLED.items():
+        if name in wanted:
+            cines, spv = generate_split(full, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
+            record(name, scorer.score(cines, spv))
+    if "ecg_regressor" in wanted:            # the full model's ECG anchor head alone, decoded: the
+        t0, out_cines = time.perf_counter(), []   # cross-modal autoencoder (needs flow.anchor=ecg)
+        for i in range(0, len(ecg), batch):
+            out_cines.append(full.regress(torch.from_numpy(ecg[i:i + batch])).cine.numpy())
+        record("ecg_regressor", scorer.score(np.concatenate(out_cines), (time.perf_counter() - t0) / max(1, len(ecg))))
+    if "nearest_neighbour" in wanted:
+        record("nearest_neighbour", scorer.score(*nearest_neighbour(full, scorer.prepared, scorer.test, batch)))
+    if "template_only" in wanted:
+        record("template_only", scorer.score(template_only(full, len(scorer.ids)), None))
+    if "population_mean" in wanted:
+        record("population_mean", scorer.population_mean())
+    if "vae_reconstruction" in wanted:
+        record("vae_reconstruction",
+               scorer.score(vae_reconstruction(full, scorer.prepared, scorer.test, batch), None))
     print(write_table(rows, extra, out, args.config))
 
 
