@@ -109,3 +109,23 @@ def test_vae_study_variants_are_valid_configs_and_its_table_merges(tmp_path):
     text = study.write_table({"steps_2x": {"psnr": 24.0, "train_seconds": 1200.0}}, tmp_path, "c.yaml")
     assert "| bench | (bench VAE) | 600.0 |" in text and "| steps_2x | vae.epochs=20 | 1200.0 |" in text
     assert list(json.loads((tmp_path / "vae_study.json").read_text())["rows"]) == ["bench", "steps_2x"]
+
+
+def test_demo_spread_averages_runs_and_names_a_missing_one(tmp_path):
+    spec = importlib.util.spec_from_file_location("demo_spread", ROOT / "benchmarks" / "demo_spread.py")
+    spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spread)
+    runs = []
+    for i, (fid, ef) in enumerate([(200.0, 10.0), (220.0, 14.0)]):
+        run = tmp_path / f"demo_seed{i}"
+        (run / "eval").mkdir(parents=True)
+        metrics = {"fid": {"available": True, "value": fid}, "psnr": {"available": False, "reason": "x"},
+                   "functional": {"generated_vs_ground_truth": {"ef_area_error": ef}}}
+        (run / "eval" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+        runs.append(run)
+    text = spread.table(runs)
+    assert "| FID (standard TF Inception, 10 frames/video) | 210 +- 14 | 200 | 220 |" in text
+    assert "| area-EF error vs ground truth (points) | 12 +- 2.8 | 10 | 14 |" in text
+    assert "| PSNR (dB, paired with the real cine) | n/a | n/a | n/a |" in text
+    with pytest.raises(SystemExit, match="demo_seed9"):
+        spread.table([tmp_path / "demo_seed9"])
