@@ -233,6 +233,7 @@ class FlowDiT(nn.Module):
                              persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(hidden, latent_channels * patch_size ** 2)
+        self.grad_checkpoint = False        # a training choice, not architecture: not in ``arch``
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -291,7 +292,11 @@ class FlowDiT(nn.Module):
         context = self.ecg_proj(ecg_tokens) + self.ecg_pos_embed.to(z_t.dtype)         # (B, S, D)
         c = self.t_embedder(t) + self.pooled_embedder(ecg_pooled)                      # (B, D)
         for block in self.blocks:
-            x = block(x, c, context)
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                # recomputed in backward: only the block inputs stay saved (memory for compute)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, context, use_reentrant=False)
+            else:
+                x = block(x, c, context)
         return self.unpatchify(self.final(x, c))
 
 
@@ -300,9 +305,11 @@ def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, e
     c, t, h, w = latent_shape
     if h != w:
         raise ValueError(f"latent frames must be square, got {h} x {w}")
-    return FlowDiT(latent_channels=c, num_frames=t, latent_size=h, ecg_dim=ecg_dim, ecg_tokens=ecg_tokens,
-                   hidden=flow_cfg.hidden, depth=flow_cfg.depth, heads=flow_cfg.heads,
-                   patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio)
+    dit = FlowDiT(latent_channels=c, num_frames=t, latent_size=h, ecg_dim=ecg_dim, ecg_tokens=ecg_tokens,
+                  hidden=flow_cfg.hidden, depth=flow_cfg.depth, heads=flow_cfg.heads,
+                  patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio)
+    dit.grad_checkpoint = bool(getattr(flow_cfg, "grad_checkpoint", False))
+    return dit
 
 
 def dit_from_arch(arch: dict) -> FlowDiT:

@@ -49,7 +49,7 @@ from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching
 VAL_T_POINTS = 8
 # flow keys that may change between a run and its resumption
 RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp",
-                  "snapshot_steps"}
+                  "snapshot_steps", "grad_checkpoint"}
 PREVIEW_SUBJECTS = 2
 LATENT_SPLITS = ("train", "val")
 
@@ -275,18 +275,26 @@ def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: floa
 # ----------------------------------------------------------------------------------------------
 
 
+def validation_rows(n: int, subjects: int = 0) -> list[int]:
+    """``subjects`` rows of ``n`` spread evenly over the split (all rows when 0 or >= n)."""
+    if subjects <= 0 or subjects >= n:
+        return list(range(n))
+    return sorted({int(r) for r in np.linspace(0, n - 1, subjects).round()})
+
+
 @torch.no_grad()
 def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
                     batch_size: int, seed: int, amp: bool = True, unconditional: bool = False,
-                    anchor_head: AnchorHead | None = None) -> float:
+                    anchor_head: AnchorHead | None = None, subjects: int = 0) -> float:
     """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
     and noise from per-row seeds. Same weights -> same number, whatever the batch or world size.
+    ``subjects > 0``: only ``validation_rows`` of that many (the same rows at every validation).
     ``unconditional``: with the null condition for every row (the CFG branch). Its excess over the
     conditional loss is how much the model uses the ECG (0 = it ignores it)."""
     if len(dataset) == 0:
         return float("nan")
     grid = validation_t_grid(VAL_T_POINTS)
-    rows = list(range(udist.rank(), len(dataset), udist.world_size()))
+    rows = validation_rows(len(dataset), subjects)[udist.rank()::udist.world_size()]
     total, count = 0.0, 0
     for lo in range(0, len(rows), batch_size):
         items = [dataset[r] for r in rows[lo:lo + batch_size]]
@@ -604,10 +612,11 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         if stopped_early or epoch % max(1, fl.val_every) == 0 or epoch >= fl.epochs:
             ema.module.eval()
             record["val_loss"] = validation_loss(ema.module, datasets["val"], anchor, device,
-                                                 max(fl.batch_size, 8), cfg.seed, amp, anchor_head=anchor_head)
+                                                 max(fl.batch_size, 8), cfg.seed, amp, anchor_head=anchor_head,
+                                                 subjects=fl.val_subjects)
             record["val_loss_uncond"] = validation_loss(ema.module, datasets["val"], anchor, device,
                                                         max(fl.batch_size, 8), cfg.seed, amp, unconditional=True,
-                                                        anchor_head=anchor_head)
+                                                        anchor_head=anchor_head, subjects=fl.val_subjects)
         history.append(record)
         jsonl.write(**record)
         val = record.get("val_loss", math.nan)
