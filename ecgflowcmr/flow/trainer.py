@@ -120,33 +120,48 @@ class ConditionCache:
     @staticmethod
     @torch.no_grad()
     def build(folder: Path, encoder, ecg_array, prepared_index: np.ndarray, device: torch.device,
-              batch_size: int = 32, desc: str = "") -> None:
-        """Run ``encoder`` over ``ecg_array[prepared_index]`` and write ``folder`` (rank 0)."""
+              batch_size: int = 32, desc: str = "", amp: bool = False) -> None:
+        """Run ``encoder`` over ``ecg_array[prepared_index]`` and write ``folder``. Under torchrun every
+        rank calls it and encodes its share of the rows into shared memmaps; rank 0 closes the cache.
+        ``amp``: bf16 autocast on CUDA, as stage 1 trained the encoder."""
         from numpy.lib.format import open_memmap
         from tqdm import tqdm
 
-        folder.mkdir(parents=True, exist_ok=True)
         n = len(prepared_index)
-        tokens = pooled = None
-        start, end, fallback = (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool))
-        for lo in tqdm(range(0, n, batch_size), desc=f"ECG tokens {desc}", leave=False):
-            idx = prepared_index[lo:lo + batch_size]
-            ecg = torch.from_numpy(np.stack([np.asarray(ecg_array[i], dtype=np.float32) for i in idx]))
-            out = encoder(ecg.to(device))
-            if tokens is None:
-                tokens = open_memmap(folder / "tokens.tmp.npy", mode="w+", dtype=np.float32,
-                                     shape=(n,) + tuple(out.tokens.shape[1:]))
-                pooled = np.zeros((n,) + tuple(out.pooled.shape[1:]), np.float32)
-            tokens[lo:lo + len(idx)] = out.tokens.float().cpu().numpy()
-            pooled[lo:lo + len(idx)] = out.pooled.float().cpu().numpy()
-            start[lo:lo + len(idx)] = out.start.cpu().numpy()
-            end[lo:lo + len(idx)] = out.end.cpu().numpy()
-            fallback[lo:lo + len(idx)] = out.fallback.cpu().numpy()
-        tokens.flush()
-        del tokens
-        np.savez(folder / "meta.npz", pooled=pooled, start=start, end=end, fallback=fallback)
-        (folder / "tokens.tmp.npy").replace(folder / "tokens.npy")
-        (folder / "complete").write_text(json.dumps({"n": n}))
+        dim, count = int(encoder.dim), int(getattr(encoder, "num_tokens", 50))
+        parts = {"tokens": ((n, count, dim), np.float32), "pooled": ((n, dim), np.float32),
+                 "start": ((n,), np.int64), "end": ((n,), np.int64), "fallback": ((n,), np.bool_)}
+        if udist.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "complete").unlink(missing_ok=True)
+            for name, (shape, dtype) in parts.items():
+                open_memmap(folder / f"{name}.tmp.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        udist.barrier()
+        arrays = {name: open_memmap(folder / f"{name}.tmp.npy", mode="r+") for name in parts}
+        mine = np.array_split(np.arange(n), udist.world_size())[udist.rank()]
+        for lo in tqdm(range(0, len(mine), batch_size), desc=f"ECG tokens {desc}", leave=False,
+                       disable=not udist.is_main()):
+            rows = mine[lo:lo + batch_size]
+            ecg = torch.from_numpy(np.stack([np.asarray(ecg_array[i], dtype=np.float32)
+                                             for i in prepared_index[rows]]))
+            with autocast(device, amp):
+                out = encoder(ecg.to(device))
+            for name in parts:
+                value = getattr(out, name).detach()
+                value = value.float() if value.is_floating_point() else value     # numpy has no bf16
+                arrays[name][rows[0]:rows[-1] + 1] = value.cpu().numpy()
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        udist.barrier()
+        if udist.is_main():
+            small = {name: np.load(folder / f"{name}.tmp.npy") for name in parts if name != "tokens"}
+            np.savez(folder / "meta.npz", **small)
+            for name in small:
+                (folder / f"{name}.tmp.npy").unlink()
+            (folder / "tokens.tmp.npy").replace(folder / "tokens.npy")
+            (folder / "complete").write_text(json.dumps({"n": n}))
+        udist.barrier()
 
     @staticmethod
     def valid(folder: Path, n: int) -> bool:
@@ -439,11 +454,10 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         caches = {}
         for s in LATENT_SPLITS:
             folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}" / s
-            if udist.is_main() and not ConditionCache.valid(folder, len(splits[s])):
+            if not udist.all_gather_object(ConditionCache.valid(folder, len(splits[s])))[0]:  # rank 0 decides
                 log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
                 ConditionCache.build(folder, encoder, prepared.ecg, splits[s].prepared_index, device,
-                                     batch_size=max(fl.batch_size, 16), desc=s)
-            udist.barrier()
+                                     batch_size=max(fl.batch_size, 16), desc=s, amp=cfg.ecg.amp)
             caches[s] = ConditionCache(folder)
         datasets = {s: FlowDataset(splits[s], norm, cache=caches[s]) for s in LATENT_SPLITS}
     ecg_dim = int(getattr(encoder, "dim", 0) or 0)
