@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GB (10^9 bytes)")
     parser.add_argument("--min-headroom", type=float, default=0.10)
     parser.add_argument("--json", default="", help="also write the numbers here")
+    parser.add_argument("--measure", action="store_true",
+                        help="also run each stage's step on this machine's GPU (random inputs): steps/s, peak")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. flow.batch_size=8")
     args = parser.parse_args(argv)
 
@@ -54,6 +56,21 @@ def main(argv=None) -> int:
           f"temporal-attention sequences per DiT call {flow.infer_batch * (2 if cfg.infer.guidance != 1 else 1) * (cfg.data.image_size // 8 // cfg.flow.patch_size) ** 2}")
     print(f"every stage leaves >= {args.min_headroom:.0%} of {args.gpu_gb:.0f} GB: "
           f"{'yes' if not short else 'NO (' + ', '.join(short) + ')'}   [{time.time() - t0:.0f} s to plan]")
+    if args.measure:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--measure needs a CUDA GPU; none is visible")
+            return 2
+        print(f"\nmeasured on {torch.cuda.get_device_name()} (bf16, random inputs, fused AdamW):")
+        for stage, (name, section, step_fn) in zip(stages, gpu_plan.STAGES):
+            got = gpu_plan.measure_cuda(cfg, section, step_fn)
+            print(f"  {name}: {got['steps_per_s']:.2f} steps/s, {got['samples_per_s']:.1f} samples/s, "
+                  f"peak {got['peak_gib']:.2f} GiB allocated (planned {stage.train.peak / 2**30:.2f})")
+            torch.cuda.empty_cache()
+        got = gpu_plan.measure_cuda_generation(cfg)
+        print(f"  generation: {got['videos_per_s']:.2f} videos/s at batch {cfg.infer.batch_size}, "
+              f"peak {got['peak_gib']:.2f} GiB (planned {flow.infer.peak / 2**30:.2f})")
     if args.json:
         rows = [{"stage": s.stage, "batch": s.batch, "params": s.params, "static_bytes": s.train.static,
                  "activation_bytes": s.train.activations, "peak_bytes": s.train.peak,

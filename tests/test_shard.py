@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from ecgflowcmr.data.datasets import Prepared
@@ -18,6 +17,7 @@ from ecgflowcmr.vae import VAE3D
 
 from .conftest import ROOT, write_fake_prepared
 from .flow_fakes import FakeECGEncoder
+from .test_vae import interrupted_extraction
 
 
 def tiny_vae() -> VAE3D:
@@ -36,18 +36,7 @@ def test_two_ranks_share_latent_extraction_and_token_cache(tmp_path):
                          device, batch_size=2)
 
     run = tmp_path / "run"                                 # a single-process run, interrupted
-    vae = tiny_vae()
-    original, calls = vae.encode, {"n": 0}
-
-    def failing_encode(x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated interruption")
-        return original(x)
-
-    vae.encode = failing_encode
-    with pytest.raises(RuntimeError, match="simulated"):
-        extract_all(vae, data, run / "latents", device, batch_size=2, progress=False)
+    interrupted_extraction(tiny_vae(), data, run / "latents", batch_size=2)
     assert np.load(run / "latents" / "train.done.npy").sum() == 4
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

@@ -20,7 +20,8 @@ Layout (one clear module, in the spirit of facebookresearch/DiT ``models.py``):
        The ECG tokens carry the same temporal sin-cos embedding as the frames, so frame ``t``
        can find "its" ECG token ``t`` (the tokens are phase-aligned to the 50 frames).
     4. MLP.
-  All attention goes through ``F.scaled_dot_product_attention``.
+  All attention goes through ``F.scaled_dot_product_attention`` (self-attention via
+  ``utils.attention``, which splits calls of more than 65,535 sequences: CUDA's kernel limit).
 * **Frame-aligned ECG embedding**: the 50 ECG tokens are phase-aligned to the 50 frames (stage 1
   resamples one R-R cycle onto the frame grid), so token ``t`` is also projected and added to every
   latent token of frame ``t`` at the input. This is a cheap, strong prior (the motion of frame t
@@ -39,6 +40,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..utils.attention import sdpa
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s, d = x.shape
         qkv = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])      # (N, heads, S, d_h)
+        out = sdpa(qkv[0], qkv[1], qkv[2])                                 # (N, heads, S, d_h)
         return self.proj(out.transpose(1, 2).reshape(n, s, d))
 
 

@@ -10,8 +10,9 @@ Reads what stages 1 and 2 wrote (and refuses, naming the file and the stage, wit
 
 It never runs the VAE encoder: the flow trains on the cached latents. With a frozen encoder
 (``flow.ecg_finetune=false``, the default) the ECG tokens of every train/val subject are computed
-once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>_<cycle mode>/``; with fine-tuning the encoder
-runs on every batch and is trained at ``flow.ecg_lr``.
+once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>_<cycle mode>[_bf16]/`` (every rank
+encodes its share under torchrun; bf16 autocast on CUDA, as stage 1 trained); with fine-tuning the
+encoder runs on every batch and is trained at ``flow.ecg_lr``.
 
 Writes ``flow/last.pt`` every epoch and when ``flow.max_steps`` stops the run (exact resume, also
 inside an epoch: see ``train``), ``flow/best.pt`` on the
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError
+from ..data.datasets import MemmapPickling
 from ..utils import dist as udist
 from ..utils.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, make_checkpoint, restore_checkpoint
 from ..utils.device import autocast, select_device
@@ -81,8 +83,10 @@ class StagePaths:
         require_file(self.data_root / "meta.json", "prepare_data.py")
 
 
-class LatentSplit:
+class LatentSplit(MemmapPickling):
     """Cached latents of one split: ``z (N, C, T, h, w)`` memmap + prepared-dataset rows/ids."""
+
+    _memmaps = ("z",)
 
     def __init__(self, latents_dir: Path, split: str):
         import pandas as pd
@@ -108,8 +112,10 @@ class LatentSplit:
         return tuple(int(s) for s in self.z.shape[1:])
 
 
-class ConditionCache:
+class ConditionCache(MemmapPickling):
     """Frozen-encoder outputs for the rows of one split, computed once (memmap on disk)."""
+
+    _memmaps = ("tokens",)
 
     def __init__(self, folder: Path):
         self.tokens = np.load(folder / "tokens.npy", mmap_mode="r")
@@ -169,9 +175,11 @@ class ConditionCache:
         return marker.is_file() and json.loads(marker.read_text()).get("n") == n
 
 
-class FlowDataset(Dataset):
+class FlowDataset(MemmapPickling, Dataset):
     """Items: ``{"row", "z1" (C, T, h, w) normalised, and "tokens" + "pooled" (cached, frozen
     encoder) or "ecg" (12, 5000) (fine-tuned encoder)}``."""
+
+    _memmaps = ("ecg_array",)
 
     def __init__(self, split: LatentSplit, norm: LatentNorm, cache: ConditionCache | None = None,
                  ecg_array=None):
@@ -452,8 +460,9 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         for p in encoder.parameters():
             p.requires_grad_(False)
         caches = {}
+        bf16 = "_bf16" if cfg.ecg.amp and device.type == "cuda" else ""        # tokens differ from fp32 ones
         for s in LATENT_SPLITS:
-            folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}" / s
+            folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}{bf16}" / s
             if not udist.all_gather_object(ConditionCache.valid(folder, len(splits[s])))[0]:  # rank 0 decides
                 log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
                 ConditionCache.build(folder, encoder, prepared.ecg, splits[s].prepared_index, device,
@@ -500,7 +509,8 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     # t, noise and CFG drops come from their own generator (saved in the checkpoint): the
     # DataLoader draws from the global RNG whenever an epoch's iterator starts, which would make a
     # run resumed inside an epoch draw different noise
-    flow_rng = torch.Generator().manual_seed(cfg.seed * 1000 + udist.rank())
+    # on the training device, so the noise is drawn where it is used (no host copy per step)
+    flow_rng = torch.Generator(device).manual_seed(cfg.seed * 1000 + udist.rank())
     if ckpt is not None:
         extra = ckpt.get("extra", {})
         for key, now in (("template_hash", t_hash), ("vae_hash", vae_spec["hash"]),
@@ -511,11 +521,15 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         step, epoch = restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
         epoch_step = int(extra.get("epoch_step", 0))
         rng_states = extra.get("flow_rng") or []
-        if len(rng_states) == udist.world_size():
+        same_kind = len(rng_states) == udist.world_size() and \
+            rng_states[udist.rank()].numel() == flow_rng.get_state().numel()      # CPU vs CUDA generator
+        if same_kind:
             flow_rng.set_state(rng_states[udist.rank()])
         else:
-            log.warning("last.pt has flow RNG states of %d processes, this run has %d: noise continues "
-                        "from a fresh generator (not bit-exact)", len(rng_states), udist.world_size())
+            log.warning("last.pt has flow RNG states of %d processes (%s), this run has %d on %s: noise continues "
+                        "from a fresh generator (not bit-exact)", len(rng_states),
+                        "on another device type" if len(rng_states) == udist.world_size() else "",
+                        udist.world_size(), device.type)
             flow_rng.manual_seed(cfg.seed * 1000 + udist.rank() + 7919 * step)
         best = float(extra.get("best_val", math.inf))
         history = list(extra.get("history", []))
@@ -582,12 +596,12 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         batches = itertools.islice(iter(train_loader), epoch_step, None)     # exact resume inside an epoch
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"flow epoch {epoch + 1}/{fl.epochs}",
                    disable=not udist.is_main(), leave=False, dynamic_ncols=True)
-        running, n_running = 0.0, 0
+        running, n_running = torch.zeros((), dtype=torch.float64, device=device), 0   # on device: no sync
         for batch in bar:
             z1 = batch["z1"].to(device, non_blocking=True)
             b = z1.shape[0]
             t = sample_t(b, fl.t_sampling, device=device, generator=flow_rng)
-            noise = torch.randn(z1.shape, generator=flow_rng).to(device)
+            noise = torch.randn(z1.shape, generator=flow_rng, device=device)
             drop = cfg_drop_mask(b, fl.cfg_drop, device=device, generator=flow_rng)
             cond = _condition(batch, device)
             anchor_mean = _anchor_mean(anchor_head, cond)
@@ -596,7 +610,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                                           motion_weight=fl.motion_weight, **cond)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = clip_grad(model.parameters(), fl.grad_clip)
+            grad_norm = clip_grad(model.parameters(), fl.grad_clip, sync=False)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -607,13 +621,14 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                 all_rng = rng_states_all()                                 # collective: every rank
                 if udist.is_main():
                     atomic_save(checkpoint_dict(all_rng), out / "snapshots" / f"step_{step:06d}.pt")
-            loss_value = float(loss.detach())
-            first_loss = loss_value if first_loss is None else first_loss
-            running += loss_value
+            running += loss.detach().double()
             n_running += 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % max(1, fl.log_every) == 0:
-                jsonl.write(step=step, epoch=epoch, loss=loss_value, grad_norm=grad_norm,
+            if first_loss is None:
+                first_loss = float(loss.detach())
+            if step % max(1, fl.log_every) == 0:            # the only per-step host syncs
+                loss_value = float(loss.detach())
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                jsonl.write(step=step, epoch=epoch, loss=loss_value, grad_norm=float(grad_norm),
                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t_start)
             if fl.max_steps > 0 and step >= fl.max_steps:
                 break

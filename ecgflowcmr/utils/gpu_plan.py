@@ -425,3 +425,49 @@ def format_table(stages: list[StagePlan], gpu_gib: float, utilisation: float) ->
                 f"{seconds(s.video_flops, 'A100', utilisation):.3f} | "
                 f"{seconds(s.video_flops, 'H100', utilisation):.3f} | | |")
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same steps on a real GPU (benchmarks/gpu_plan.py --measure, benchmarks/gpu_smoke.sh)
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_cuda(cfg, section: str, step_fn, steps: int = 10, warmup: int = 2) -> dict:
+    """Run a stage's step (forward, backward, AdamW) on the current CUDA device with random inputs:
+    steps/s, samples/s and the allocator's peak, to set beside the plan."""
+    import time
+
+    batch = getattr(cfg, section).batch_size
+    with torch.device("cuda"):
+        loss_fn, trained, _ = step_fn(cfg, batch, True)
+        params = [p for m in trained for p in m.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(warmup + steps):
+            if i == warmup:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            optimizer.step()
+        torch.cuda.synchronize()
+    seconds_per_step = (time.perf_counter() - start) / steps
+    return {"steps_per_s": 1 / seconds_per_step, "samples_per_s": batch / seconds_per_step,
+            "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+
+
+def measure_cuda_generation(cfg, batches: int = 2) -> dict:
+    """Generation of ``infer.batch_size`` videos (encoder, ODE, decode) on the current CUDA device."""
+    import time
+
+    with torch.device("cuda"), torch.no_grad():
+        run, _ = generation_batch(cfg, cfg.infer.batch_size, True)
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(batches):
+            run()
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / batches
+    return {"videos_per_s": cfg.infer.batch_size / seconds, "peak_gib": torch.cuda.max_memory_allocated() / GiB}
