@@ -60,3 +60,17 @@ def test_two_ranks_share_latent_extraction_and_token_cache(tmp_path):
     np.testing.assert_allclose(sharded.tokens, single.tokens, rtol=1e-5, atol=1e-6)
     for name in ("pooled", "start", "end", "fallback"):
         np.testing.assert_array_equal(getattr(sharded, name), getattr(single, name))
+
+
+def test_process_group_waits_long_enough_for_rank_zero(monkeypatch):
+    """Rank 0's own work between two barriers may pass NCCL's 10-minute default at paper size."""
+    from ecgflowcmr.utils import dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "_RAN_PROCESS_GROUP", False)
+    assert dist.init_distributed(torch.device("cuda"))
+    assert calls == [{"backend": "nccl", "timeout": dist.TIMEOUT}]
+    assert dist.TIMEOUT.total_seconds() >= 3600
