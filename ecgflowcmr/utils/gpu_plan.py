@@ -21,7 +21,9 @@ follow what a GPU would do rather than what the CPU would do:
 Backward itself cannot run on fake CUDA tensors (the engine asks the driver for a context), so the
 training peak is ``static + max(forward peak, saved + 2 x the largest saved tensor)``: while
 backward runs, the saved tensors are still held and the gradient of the widest activation and of
-its input are in flight at once. Static memory is fp32 weights, their gradients, AdamW's two
+its input are in flight at once. With the DiT's activation checkpointing the hooks see only the
+blocks' inputs; one block's activations (the plain step's saved tensors / depth) are added for the
+block that backward rebuilds. Static memory is fp32 weights, their gradients, AdamW's two
 moments, the EMA copy where the stage keeps one, and DDP's gradient buckets (one more gradient
 copy). Inference peaks come from a live-storage tracker over the forward (nothing is saved).
 
@@ -32,6 +34,7 @@ no weight gradients). Times assume a stated fraction of the bf16 dense peak.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -138,10 +141,11 @@ class StepMemory:
     forward_peak: int
     saved: int = 0
     largest_saved: int = 0
+    recompute: int = 0          # activation checkpointing: one block's activations, rebuilt in backward
 
     @property
     def activations(self) -> int:
-        return max(self.forward_peak, self.saved + 2 * self.largest_saved)
+        return max(self.forward_peak, self.saved + self.recompute + 2 * self.largest_saved)
 
     @property
     def peak(self) -> int:
@@ -374,6 +378,14 @@ def plan_stage(cfg, name: str, section: str, step_fn, train_subjects: int, gpus:
         static = _static_bytes(trained, frozen, ema=section == "flow", ddp=gpus > 1)
         params = [p for m in trained + frozen for p in m.parameters()]
         memory = measure_training_memory(loss, params, static)
+    if section == "flow" and cfg.flow.grad_checkpoint:
+        # the hooks see only the blocks' inputs then; backward rebuilds one block at a time
+        plain = copy.deepcopy(cfg)
+        plain.flow.grad_checkpoint = False
+        with fake_cuda():
+            loss, trained, frozen = step_fn(plain, batch, True)
+            saved = measure_training_memory(loss, [p for m in trained + frozen for p in m.parameters()], 0).saved
+        memory.recompute = saved // cfg.flow.depth
     train_flops = 0
     if flops:
         with fake_cpu():
