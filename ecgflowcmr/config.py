@@ -116,6 +116,8 @@ class FlowConfig(TrainLoop):
     heads: int = 4                  # 8 in ukb.yaml
     patch_size: int = 1             # spatial patch size over the 12x12 latent: 1 or 2
     mlp_ratio: float = 4.0
+    grad_checkpoint: bool = False   # recompute each DiT block in backward: saved activations ~1/depth, ~+1/3
+                                    # compute (benchmarks/gpu_plan.py says when a batch needs it)
     alpha: float = 1.0              # z0 = template + alpha * eps (in per-channel normalised latent units)
     use_template: bool = True       # False: z0 = eps (ablation "without template anchor")
     anchor: str = "template"        # template: z0 = template + alpha * eps (the paper); ecg: z0 = head(ECG)
@@ -135,6 +137,8 @@ class FlowConfig(TrainLoop):
     ema_decay: float = 0.999
     ecg_finetune: bool = False      # fine-tune the stage-1 encoder (else frozen)
     ecg_lr: float = 1e-5            # lr of the encoder when fine-tuned
+    val_subjects: int = 0           # validate on this many fixed val subjects, evenly spread (0: all); with
+                                    # flow.val_every, what validation costs against training
     sample_every: int = 0           # epochs between sample previews of 2 val subjects (0: never; the
                                     # last epoch always previews when > 0): runs/<exp>/flow/previews/
     lr: float = 2e-4
@@ -371,6 +375,7 @@ def _validate(cfg: Config) -> None:
     _require(fl.depth >= 1 and fl.heads >= 1, "flow.depth", "depth and heads must be >= 1")
     _require(fl.mlp_ratio > 0, "flow.mlp_ratio", "must be > 0")
     _require(fl.ecg_lr > 0, "flow.ecg_lr", "must be > 0")
+    _require(fl.val_subjects >= 0, "flow.val_subjects", "must be >= 0 (0: every val subject)")
     _require(fl.sample_every >= 0, "flow.sample_every", "must be >= 0 (0: no previews)")
     _require(inf.batch_size >= 1, "infer.batch_size", "must be >= 1")
     _require(fl.alpha >= 0, "flow.alpha", "must be >= 0")

@@ -116,3 +116,29 @@ def test_config_sizes_build_including_ukb_on_meta_device():
     assert (ukb.flow.hidden, ukb.flow.depth, ukb.flow.heads) == (512, 8, 8)
     n = sum(p.numel() for p in big.parameters())
     assert 40e6 < n < 120e6, n
+
+
+def test_activation_checkpointing_same_gradients_fewer_saved_tensors():
+    from ecgflowcmr.utils.gpu_plan import SavedBytes
+
+    cfg = load_config(None, ["flow.hidden=32", "flow.depth=3", "flow.heads=4", "flow.patch_size=2",
+                             "flow.grad_checkpoint=true"])
+    checkpointed = _perturb(build_dit(cfg.flow, (4, 50, 12, 12), ecg_dim=8))
+    assert checkpointed.grad_checkpoint and "grad_checkpoint" not in checkpointed.arch
+    plain = FlowDiT(**checkpointed.arch)
+    plain.load_state_dict(checkpointed.state_dict())
+    assert not plain.grad_checkpoint
+    z, t, tok, pooled = _inputs()
+    grads, saved = [], []
+    for model in (plain, checkpointed):
+        params = list(model.parameters())
+        with SavedBytes(params) as hook:
+            loss = model(z, t, tok, pooled).pow(2).mean()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+        saved.append(hook.total)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    assert saved[1] < saved[0] / 2                        # only block inputs stay saved
+    with torch.no_grad():                                 # inference never recomputes
+        torch.testing.assert_close(checkpointed(z, t, tok, pooled), plain(z, t, tok, pooled))

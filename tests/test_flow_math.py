@@ -206,3 +206,26 @@ def test_null_ecg_validation_loss_measures_how_much_the_model_uses_the_ecg():
     t = validation_t_grid(VAL_T_POINTS).double()
     expected = float(torch.stack([(z ** 2).mean() for z in z1s]).double().mean() * (1 / (1 - t) ** 2).mean())
     assert validation_loss(uses_ecg, **kw, unconditional=True) == pytest.approx(expected, rel=1e-4)
+
+
+def test_validation_on_a_fixed_subsample_of_val_subjects():
+    """``flow.val_subjects``: the same evenly spread rows every time, and the loss over exactly them."""
+    from ecgflowcmr.flow.trainer import validation_loss, validation_rows
+
+    assert validation_rows(10, 3) == [0, 4, 9]
+    assert validation_rows(10, 0) == validation_rows(10, 10) == validation_rows(10, 99) == list(range(10))
+    assert len(validation_rows(4200, 512)) == 512
+    gen = torch.Generator().manual_seed(0)
+    items = [{"row": i, "z1": torch.randn(2, 3, 4, 4, generator=gen), "tokens": torch.zeros(5, 6),
+              "pooled": torch.zeros(6)} for i in range(9)]
+    anchor = TemplateAnchor(torch.zeros(2, 1, 4, 4), alpha=1.0)
+
+    def model(z_t, t, ecg_tokens, ecg_pooled, drop=None):
+        return -z_t
+
+    kw = dict(anchor=anchor, device=torch.device("cpu"), batch_size=2, seed=0, amp=False)
+    subset = validation_loss(model, items, subjects=3, **kw)
+    rows = validation_rows(len(items), 3)                 # [0, 4, 8]
+    per_row = [validation_loss(model, [items[r]], **kw) for r in rows]
+    assert subset == pytest.approx(sum(per_row) / len(per_row), rel=1e-6)
+    assert subset != pytest.approx(validation_loss(model, items, **kw), rel=1e-3)

@@ -347,6 +347,22 @@ def test_template_equals_mean_of_cached_train_latents(tmp_path, fake_prepared):
     torch.testing.assert_close(chunked["template"], template["template"])
 
 
+def interrupted_extraction(vae, data, out_dir, batch_size: int, fail_at_call: int = 3) -> None:
+    """``extract_all`` killed in its ``fail_at_call``-th encoder call (the VAE is left as it was)."""
+    original, calls = vae.encode, {"n": 0}
+
+    def failing_encode(x):
+        calls["n"] += 1
+        if calls["n"] == fail_at_call:
+            raise RuntimeError("simulated interruption")
+        return original(x)
+
+    vae.encode = failing_encode
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract_all(vae, data, out_dir, torch.device("cpu"), batch_size=batch_size, progress=False)
+    vae.encode = original
+
+
 def test_extraction_resumes_without_duplicating_or_losing_rows(tmp_path):
     data = write_fake_prepared(tmp_path / "data", n=14)      # 10 train videos
     vae = _tiny_vae()
@@ -354,20 +370,11 @@ def test_extraction_resumes_without_duplicating_or_losing_rows(tmp_path):
     extract_all(vae, data, tmp_path / "ref", device, batch_size=3, progress=False)
     reference = np.load(tmp_path / "ref" / "train.npy")
 
-    calls = {"n": 0, "rows": 0}
+    calls = {"rows": 0}
     original = vae.encode
-
-    def failing_encode(x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("simulated interruption")
-        return original(x)
-
-    vae.encode = failing_encode
-    with pytest.raises(RuntimeError, match="simulated"):
-        extract_all(vae, data, tmp_path / "run", device, batch_size=3, progress=False)
+    interrupted_extraction(vae, data, tmp_path / "run", batch_size=3)
     marker = json.loads((tmp_path / "run" / "train.progress.json").read_text())
-    assert marker["rows_done"] == 6 and not marker["complete"]
+    assert np.load(tmp_path / "run" / "train.done.npy").sum() == 6 and not marker["complete"]
     assert not (tmp_path / "run" / "template.pt").exists()
 
     def counting_encode(x):

@@ -42,8 +42,38 @@ def cine_from_uint8(cine: np.ndarray | torch.Tensor):
     return np.asarray(cine, dtype=np.float32) / 127.5 - 1.0
 
 
-class Prepared:
+class MemmapPickling:
+    """Pickles its memory-mapped arrays (the attributes named in ``_memmaps``) as their file names
+    and reopens them read-only when unpickled. DataLoader workers under spawn/forkserver (Linux's
+    default start method from Python 3.14) receive the dataset pickled: a memmap pickles as a full
+    in-memory copy, so every worker would otherwise hold the whole array."""
+
+    _memmaps: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._memmaps:
+            array = state.get(name)
+            if isinstance(array, np.memmap) and array.filename is not None:
+                state[name] = ("memmap", str(array.filename), tuple(array.shape))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in self._memmaps:
+            value = state.get(name)
+            if isinstance(value, tuple) and len(value) == 3 and value[0] == "memmap":
+                array = np.load(value[1], mmap_mode="r")
+                if tuple(array.shape) != value[2]:
+                    raise RuntimeError(f"'{value[1]}' changed shape since it was opened: "
+                                       f"{value[2]} -> {tuple(array.shape)}")
+                state[name] = array
+        self.__dict__.update(state)
+
+
+class Prepared(MemmapPickling):
     """Read-only view of a prepared dataset folder (memory-mapped)."""
+
+    _memmaps = ("ecg", "cine", "rpeaks", "masks")
 
     def __init__(self, root: str | Path):
         self.root = Path(root)

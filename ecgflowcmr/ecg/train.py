@@ -160,7 +160,8 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
     while epoch < e.epochs and not (e.max_steps and step >= e.max_steps):
         set_loader_epoch(loader, epoch, cfg.seed)
         ddp_model.train()
-        sums = {"loss": 0.0, "rec": 0.0, "phase": 0.0}
+        # on the device: reading a loss waits for the GPU, so only log steps do it
+        sums = {key: torch.zeros((), dtype=torch.float64, device=device) for key in ("loss", "rec", "phase")}
         n = 0
         batches = itertools.islice(iter(loader), epoch_step, None)    # exact resume inside an epoch
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, disable=not is_main(),
@@ -173,18 +174,18 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
             losses = pamae_losses(out, label, e.phase_weight)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            grad_norm = clip_grad(model.parameters(), e.grad_clip)
+            grad_norm = clip_grad(model.parameters(), e.grad_clip, sync=False)
             optimizer.step()
             scheduler.step()
             step += 1
             epoch_step += 1
             for key in sums:
-                sums[key] += float(losses[key].detach())
+                sums[key] += losses[key].detach().double()
             n += 1
-            bar.set_postfix(rec=f"{losses['rec'].item():.4f}", phase=f"{losses['phase'].item():.4f}")
             if step % e.log_every == 0:
+                bar.set_postfix(rec=f"{losses['rec'].item():.4f}", phase=f"{losses['phase'].item():.4f}")
                 log.info("step %d  loss %.4f  rec %.4f  phase %.4f  grad %.2f  lr %.2e", step,
-                         float(losses["loss"]), float(losses["rec"]), float(losses["phase"]), grad_norm,
+                         float(losses["loss"]), float(losses["rec"]), float(losses["phase"]), float(grad_norm),
                          scheduler.get_last_lr()[0])
             if e.max_steps and step >= e.max_steps:
                 break
@@ -197,7 +198,7 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
         validate = (finished_epoch and epoch % e.val_every == 0) or stopping
         mask_states = all_gather_object(mask_rng.get_state())           # collective: every rank's masks resume
         if is_main():
-            train_means = {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+            train_means = {f"train_{k}": float(v) / max(n, 1) for k, v in sums.items()}
             if validate:
                 val_metrics = evaluate(model, _val_batches(val_set, e.batch_size), device, e.cycle_mode,
                                        phase_weight=e.phase_weight)

@@ -20,7 +20,8 @@ Layout (one clear module, in the spirit of facebookresearch/DiT ``models.py``):
        The ECG tokens carry the same temporal sin-cos embedding as the frames, so frame ``t``
        can find "its" ECG token ``t`` (the tokens are phase-aligned to the 50 frames).
     4. MLP.
-  All attention goes through ``F.scaled_dot_product_attention``.
+  All attention goes through ``F.scaled_dot_product_attention`` (self-attention via
+  ``utils.attention``, which splits calls of more than 65,535 sequences: CUDA's kernel limit).
 * **Frame-aligned ECG embedding**: the 50 ECG tokens are phase-aligned to the 50 frames (stage 1
   resamples one R-R cycle onto the frame grid), so token ``t`` is also projected and added to every
   latent token of frame ``t`` at the input. This is a cheap, strong prior (the motion of frame t
@@ -39,6 +40,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..utils.attention import sdpa
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +120,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, s, d = x.shape
         qkv = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])      # (N, heads, S, d_h)
+        out = sdpa(qkv[0], qkv[1], qkv[2])                                 # (N, heads, S, d_h)
         return self.proj(out.transpose(1, 2).reshape(n, s, d))
 
 
@@ -233,6 +236,7 @@ class FlowDiT(nn.Module):
                              persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(hidden, latent_channels * patch_size ** 2)
+        self.grad_checkpoint = False        # a training choice, not architecture: not in ``arch``
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -291,7 +295,11 @@ class FlowDiT(nn.Module):
         context = self.ecg_proj(ecg_tokens) + self.ecg_pos_embed.to(z_t.dtype)         # (B, S, D)
         c = self.t_embedder(t) + self.pooled_embedder(ecg_pooled)                      # (B, D)
         for block in self.blocks:
-            x = block(x, c, context)
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                # recomputed in backward: only the block inputs stay saved (memory for compute)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, context, use_reentrant=False)
+            else:
+                x = block(x, c, context)
         return self.unpatchify(self.final(x, c))
 
 
@@ -300,9 +308,11 @@ def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, e
     c, t, h, w = latent_shape
     if h != w:
         raise ValueError(f"latent frames must be square, got {h} x {w}")
-    return FlowDiT(latent_channels=c, num_frames=t, latent_size=h, ecg_dim=ecg_dim, ecg_tokens=ecg_tokens,
-                   hidden=flow_cfg.hidden, depth=flow_cfg.depth, heads=flow_cfg.heads,
-                   patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio)
+    dit = FlowDiT(latent_channels=c, num_frames=t, latent_size=h, ecg_dim=ecg_dim, ecg_tokens=ecg_tokens,
+                  hidden=flow_cfg.hidden, depth=flow_cfg.depth, heads=flow_cfg.heads,
+                  patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio)
+    dit.grad_checkpoint = bool(getattr(flow_cfg, "grad_checkpoint", False))
+    return dit
 
 
 def dit_from_arch(arch: dict) -> FlowDiT:

@@ -26,6 +26,7 @@ or device.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
@@ -263,8 +264,11 @@ class ECGToCine:
     # -- pieces -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, ecg: torch.Tensor):
-        """``(B, 12, 5000)`` mV -> stage-1 ``CycleOutput`` (tokens, pooled, start, end, fallback...)."""
-        return self.encoder(ecg.to(self.device, torch.float32))
+        """``(B, 12, 5000)`` mV -> stage-1 ``CycleOutput`` (tokens, pooled, start, end, fallback...),
+        computed under the bf16 autocast stage 1 trained it with (CUDA), tokens returned in fp32."""
+        with autocast(self.device, self.amp):
+            out = self.encoder(ecg.to(self.device, torch.float32))
+        return dataclasses.replace(out, tokens=out.tokens.float(), pooled=out.pooled.float())
 
     @torch.no_grad()
     def anchor_mean(self, ecg_tokens: torch.Tensor, ecg_pooled: torch.Tensor) -> torch.Tensor | None:
@@ -297,7 +301,9 @@ class ECGToCine:
         latents = self.norm.denormalize(latents_norm.float())
         cines = []
         for i in range(0, latents.shape[0], chunk):
-            cines.append(self.vae.decode(latents[i:i + chunk].to(self.device)).float().clamp(-1, 1).cpu())
+            with autocast(self.device, self.amp):      # as the VAE trained: bf16 convolutions on CUDA
+                cine = self.vae.decode(latents[i:i + chunk].to(self.device))
+            cines.append(cine.float().clamp(-1, 1).cpu())
         return torch.cat(cines, 0), latents.cpu()
 
     @torch.no_grad()

@@ -10,8 +10,9 @@ Reads what stages 1 and 2 wrote (and refuses, naming the file and the stage, wit
 
 It never runs the VAE encoder: the flow trains on the cached latents. With a frozen encoder
 (``flow.ecg_finetune=false``, the default) the ECG tokens of every train/val subject are computed
-once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>_<cycle mode>/``; with fine-tuning the encoder
-runs on every batch and is trained at ``flow.ecg_lr``.
+once and cached under ``runs/<exp>/flow/ecg_cache/<encoder hash>_<cycle mode>[_bf16]/`` (every rank
+encodes its share under torchrun; bf16 autocast on CUDA, as stage 1 trained); with fine-tuning the
+encoder runs on every batch and is trained at ``flow.ecg_lr``.
 
 Writes ``flow/last.pt`` every epoch and when ``flow.max_steps`` stops the run (exact resume, also
 inside an epoch: see ``train``), ``flow/best.pt`` on the
@@ -33,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError, FlowConfig
+from ..data.datasets import MemmapPickling
 from ..utils import dist as udist
 from ..utils.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, make_checkpoint, restore_checkpoint
 from ..utils.device import autocast, select_device
@@ -49,7 +51,7 @@ from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching
 VAL_T_POINTS = 8
 # flow keys that may change between a run and its resumption
 RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp",
-                  "snapshot_steps"}
+                  "snapshot_steps", "grad_checkpoint"}
 PREVIEW_SUBJECTS = 2
 LATENT_SPLITS = ("train", "val")
 
@@ -81,8 +83,10 @@ class StagePaths:
         require_file(self.data_root / "meta.json", "prepare_data.py")
 
 
-class LatentSplit:
+class LatentSplit(MemmapPickling):
     """Cached latents of one split: ``z (N, C, T, h, w)`` memmap + prepared-dataset rows/ids."""
+
+    _memmaps = ("z",)
 
     def __init__(self, latents_dir: Path, split: str):
         import pandas as pd
@@ -108,8 +112,10 @@ class LatentSplit:
         return tuple(int(s) for s in self.z.shape[1:])
 
 
-class ConditionCache:
+class ConditionCache(MemmapPickling):
     """Frozen-encoder outputs for the rows of one split, computed once (memmap on disk)."""
+
+    _memmaps = ("tokens",)
 
     def __init__(self, folder: Path):
         self.tokens = np.load(folder / "tokens.npy", mmap_mode="r")
@@ -120,33 +126,48 @@ class ConditionCache:
     @staticmethod
     @torch.no_grad()
     def build(folder: Path, encoder, ecg_array, prepared_index: np.ndarray, device: torch.device,
-              batch_size: int = 32, desc: str = "") -> None:
-        """Run ``encoder`` over ``ecg_array[prepared_index]`` and write ``folder`` (rank 0)."""
+              batch_size: int = 32, desc: str = "", amp: bool = False) -> None:
+        """Run ``encoder`` over ``ecg_array[prepared_index]`` and write ``folder``. Under torchrun every
+        rank calls it and encodes its share of the rows into shared memmaps; rank 0 closes the cache.
+        ``amp``: bf16 autocast on CUDA, as stage 1 trained the encoder."""
         from numpy.lib.format import open_memmap
         from tqdm import tqdm
 
-        folder.mkdir(parents=True, exist_ok=True)
         n = len(prepared_index)
-        tokens = pooled = None
-        start, end, fallback = (np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool))
-        for lo in tqdm(range(0, n, batch_size), desc=f"ECG tokens {desc}", leave=False):
-            idx = prepared_index[lo:lo + batch_size]
-            ecg = torch.from_numpy(np.stack([np.asarray(ecg_array[i], dtype=np.float32) for i in idx]))
-            out = encoder(ecg.to(device))
-            if tokens is None:
-                tokens = open_memmap(folder / "tokens.tmp.npy", mode="w+", dtype=np.float32,
-                                     shape=(n,) + tuple(out.tokens.shape[1:]))
-                pooled = np.zeros((n,) + tuple(out.pooled.shape[1:]), np.float32)
-            tokens[lo:lo + len(idx)] = out.tokens.float().cpu().numpy()
-            pooled[lo:lo + len(idx)] = out.pooled.float().cpu().numpy()
-            start[lo:lo + len(idx)] = out.start.cpu().numpy()
-            end[lo:lo + len(idx)] = out.end.cpu().numpy()
-            fallback[lo:lo + len(idx)] = out.fallback.cpu().numpy()
-        tokens.flush()
-        del tokens
-        np.savez(folder / "meta.npz", pooled=pooled, start=start, end=end, fallback=fallback)
-        (folder / "tokens.tmp.npy").replace(folder / "tokens.npy")
-        (folder / "complete").write_text(json.dumps({"n": n}))
+        dim, count = int(encoder.dim), int(getattr(encoder, "num_tokens", 50))
+        parts = {"tokens": ((n, count, dim), np.float32), "pooled": ((n, dim), np.float32),
+                 "start": ((n,), np.int64), "end": ((n,), np.int64), "fallback": ((n,), np.bool_)}
+        if udist.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "complete").unlink(missing_ok=True)
+            for name, (shape, dtype) in parts.items():
+                open_memmap(folder / f"{name}.tmp.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        udist.barrier()
+        arrays = {name: open_memmap(folder / f"{name}.tmp.npy", mode="r+") for name in parts}
+        mine = np.array_split(np.arange(n), udist.world_size())[udist.rank()]
+        for lo in tqdm(range(0, len(mine), batch_size), desc=f"ECG tokens {desc}", leave=False,
+                       disable=not udist.is_main()):
+            rows = mine[lo:lo + batch_size]
+            ecg = torch.from_numpy(np.stack([np.asarray(ecg_array[i], dtype=np.float32)
+                                             for i in prepared_index[rows]]))
+            with autocast(device, amp):
+                out = encoder(ecg.to(device))
+            for name in parts:
+                value = getattr(out, name).detach()
+                value = value.float() if value.is_floating_point() else value     # numpy has no bf16
+                arrays[name][rows[0]:rows[-1] + 1] = value.cpu().numpy()
+        for array in arrays.values():
+            array.flush()
+        del arrays
+        udist.barrier()
+        if udist.is_main():
+            small = {name: np.load(folder / f"{name}.tmp.npy") for name in parts if name != "tokens"}
+            np.savez(folder / "meta.npz", **small)
+            for name in small:
+                (folder / f"{name}.tmp.npy").unlink()
+            (folder / "tokens.tmp.npy").replace(folder / "tokens.npy")
+            (folder / "complete").write_text(json.dumps({"n": n}))
+        udist.barrier()
 
     @staticmethod
     def valid(folder: Path, n: int) -> bool:
@@ -154,9 +175,11 @@ class ConditionCache:
         return marker.is_file() and json.loads(marker.read_text()).get("n") == n
 
 
-class FlowDataset(Dataset):
+class FlowDataset(MemmapPickling, Dataset):
     """Items: ``{"row", "z1" (C, T, h, w) normalised, and "tokens" + "pooled" (cached, frozen
     encoder) or "ecg" (12, 5000) (fine-tuned encoder)}``."""
+
+    _memmaps = ("ecg_array",)
 
     def __init__(self, split: LatentSplit, norm: LatentNorm, cache: ConditionCache | None = None,
                  ecg_array=None):
@@ -275,18 +298,26 @@ def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: floa
 # ----------------------------------------------------------------------------------------------
 
 
+def validation_rows(n: int, subjects: int = 0) -> list[int]:
+    """``subjects`` rows of ``n`` spread evenly over the split (all rows when 0 or >= n)."""
+    if subjects <= 0 or subjects >= n:
+        return list(range(n))
+    return sorted({int(r) for r in np.linspace(0, n - 1, subjects).round()})
+
+
 @torch.no_grad()
 def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
                     batch_size: int, seed: int, amp: bool = True, unconditional: bool = False,
-                    anchor_head: AnchorHead | None = None) -> float:
+                    anchor_head: AnchorHead | None = None, subjects: int = 0) -> float:
     """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
     and noise from per-row seeds. Same weights -> same number, whatever the batch or world size.
+    ``subjects > 0``: only ``validation_rows`` of that many (the same rows at every validation).
     ``unconditional``: with the null condition for every row (the CFG branch). Its excess over the
     conditional loss is how much the model uses the ECG (0 = it ignores it)."""
     if len(dataset) == 0:
         return float("nan")
     grid = validation_t_grid(VAL_T_POINTS)
-    rows = list(range(udist.rank(), len(dataset), udist.world_size()))
+    rows = validation_rows(len(dataset), subjects)[udist.rank()::udist.world_size()]
     total, count = 0.0, 0
     for lo in range(0, len(rows), batch_size):
         items = [dataset[r] for r in rows[lo:lo + batch_size]]
@@ -433,13 +464,13 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         for p in encoder.parameters():
             p.requires_grad_(False)
         caches = {}
+        bf16 = "_bf16" if cfg.ecg.amp and device.type == "cuda" else ""        # tokens differ from fp32 ones
         for s in LATENT_SPLITS:
-            folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}" / s
-            if udist.is_main() and not ConditionCache.valid(folder, len(splits[s])):
+            folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}{bf16}" / s
+            if not udist.all_gather_object(ConditionCache.valid(folder, len(splits[s])))[0]:  # rank 0 decides
                 log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
                 ConditionCache.build(folder, encoder, prepared.ecg, splits[s].prepared_index, device,
-                                     batch_size=max(fl.batch_size, 16), desc=s)
-            udist.barrier()
+                                     batch_size=max(fl.batch_size, 16), desc=s, amp=cfg.ecg.amp)
             caches[s] = ConditionCache(folder)
         datasets = {s: FlowDataset(splits[s], norm, cache=caches[s]) for s in LATENT_SPLITS}
     ecg_dim = int(getattr(encoder, "dim", 0) or 0)
@@ -482,7 +513,8 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     # t, noise and CFG drops come from their own generator (saved in the checkpoint): the
     # DataLoader draws from the global RNG whenever an epoch's iterator starts, which would make a
     # run resumed inside an epoch draw different noise
-    flow_rng = torch.Generator().manual_seed(cfg.seed * 1000 + udist.rank())
+    # on the training device, so the noise is drawn where it is used (no host copy per step)
+    flow_rng = torch.Generator(device).manual_seed(cfg.seed * 1000 + udist.rank())
     if ckpt is not None:
         extra = ckpt.get("extra", {})
         for key, now in (("template_hash", t_hash), ("vae_hash", vae_spec["hash"]),
@@ -493,11 +525,15 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         step, epoch = restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
         epoch_step = int(extra.get("epoch_step", 0))
         rng_states = extra.get("flow_rng") or []
-        if len(rng_states) == udist.world_size():
+        same_kind = len(rng_states) == udist.world_size() and \
+            rng_states[udist.rank()].numel() == flow_rng.get_state().numel()      # CPU vs CUDA generator
+        if same_kind:
             flow_rng.set_state(rng_states[udist.rank()])
         else:
-            log.warning("last.pt has flow RNG states of %d processes, this run has %d: noise continues "
-                        "from a fresh generator (not bit-exact)", len(rng_states), udist.world_size())
+            log.warning("last.pt has flow RNG states of %d processes (%s), this run has %d on %s: noise continues "
+                        "from a fresh generator (not bit-exact)", len(rng_states),
+                        "on another device type" if len(rng_states) == udist.world_size() else "",
+                        udist.world_size(), device.type)
             flow_rng.manual_seed(cfg.seed * 1000 + udist.rank() + 7919 * step)
         best = float(extra.get("best_val", math.inf))
         history = list(extra.get("history", []))
@@ -564,12 +600,12 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         batches = itertools.islice(iter(train_loader), epoch_step, None)     # exact resume inside an epoch
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"flow epoch {epoch + 1}/{fl.epochs}",
                    disable=not udist.is_main(), leave=False, dynamic_ncols=True)
-        running, n_running = 0.0, 0
+        running, n_running = torch.zeros((), dtype=torch.float64, device=device), 0   # on device: no sync
         for batch in bar:
             z1 = batch["z1"].to(device, non_blocking=True)
             b = z1.shape[0]
             t = sample_t(b, fl.t_sampling, device=device, generator=flow_rng)
-            noise = torch.randn(z1.shape, generator=flow_rng).to(device)
+            noise = torch.randn(z1.shape, generator=flow_rng, device=device)
             drop = cfg_drop_mask(b, fl.cfg_drop, device=device, generator=flow_rng)
             cond = _condition(batch, device)
             anchor_mean = _anchor_mean(anchor_head, cond)
@@ -578,7 +614,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                                           motion_weight=fl.motion_weight, **cond)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = clip_grad(model.parameters(), fl.grad_clip)
+            grad_norm = clip_grad(model.parameters(), fl.grad_clip, sync=False)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -589,13 +625,14 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                 all_rng = rng_states_all()                                 # collective: every rank
                 if udist.is_main():
                     atomic_save(checkpoint_dict(all_rng), out / "snapshots" / f"step_{step:06d}.pt")
-            loss_value = float(loss.detach())
-            first_loss = loss_value if first_loss is None else first_loss
-            running += loss_value
+            running += loss.detach().double()
             n_running += 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % max(1, fl.log_every) == 0:
-                jsonl.write(step=step, epoch=epoch, loss=loss_value, grad_norm=grad_norm,
+            if first_loss is None:
+                first_loss = float(loss.detach())
+            if step % max(1, fl.log_every) == 0:            # the only per-step host syncs
+                loss_value = float(loss.detach())
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                jsonl.write(step=step, epoch=epoch, loss=loss_value, grad_norm=float(grad_norm),
                             lr=scheduler.get_last_lr()[0], seconds=time.time() - t_start)
             if fl.max_steps > 0 and step >= fl.max_steps:
                 break
@@ -608,10 +645,11 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
         if stopped_early or epoch % max(1, fl.val_every) == 0 or epoch >= fl.epochs:
             ema.module.eval()
             record["val_loss"] = validation_loss(ema.module, datasets["val"], anchor, device,
-                                                 max(fl.batch_size, 8), cfg.seed, amp, anchor_head=anchor_head)
+                                                 max(fl.batch_size, 8), cfg.seed, amp, anchor_head=anchor_head,
+                                                 subjects=fl.val_subjects)
             record["val_loss_uncond"] = validation_loss(ema.module, datasets["val"], anchor, device,
                                                         max(fl.batch_size, 8), cfg.seed, amp, unconditional=True,
-                                                        anchor_head=anchor_head)
+                                                        anchor_head=anchor_head, subjects=fl.val_subjects)
         history.append(record)
         jsonl.write(**record)
         val = record.get("val_loss", math.nan)

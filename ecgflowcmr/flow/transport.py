@@ -134,10 +134,11 @@ def target_velocity(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
 
 def sample_t(n: int, mode: str = "uniform", device=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """``(n,)`` flow times in [0, 1): ``uniform`` or ``logit_normal`` (sigmoid of N(0, 1))."""
+    where = generator.device if generator is not None else None        # a generator draws on its device
     if mode == "uniform":
-        return torch.rand(n, generator=generator).to(device)
+        return torch.rand(n, generator=generator, device=where).to(device)
     if mode == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator)).to(device)
+        return torch.sigmoid(torch.randn(n, generator=generator, device=where)).to(device)
     raise ValueError(f"flow.t_sampling: unknown mode '{mode}' (use uniform or logit_normal)")
 
 
@@ -147,7 +148,8 @@ def cfg_drop_mask(n: int, p: float, device=None, generator: torch.Generator | No
     Always a tensor (all False for ``p = 0``), so the null parameters stay in the graph (DDP)."""
     if p <= 0:
         return torch.zeros(n, dtype=torch.bool, device=device)
-    return (torch.rand(n, generator=generator) < p).to(device)
+    where = generator.device if generator is not None else None
+    return (torch.rand(n, generator=generator, device=where) < p).to(device)
 
 
 def motion_weighted_mse(pred: torch.Tensor, target: torch.Tensor, motion_weight: float = 0.0) -> torch.Tensor:

@@ -16,6 +16,7 @@ finalisation for a late thread to race.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import sys
@@ -26,6 +27,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 
 _RAN_PROCESS_GROUP = False       # this process initialised a process group (see exit_process)
+# How long a collective may wait for its slowest rank. NCCL's default (10 min) is shorter than what
+# rank 0 alone may do between two barriers at UK Biobank size (the template's statistics over the
+# cached latents, checkpoints of the VAE with its discriminator, figures); the sharded work (latents,
+# ECG tokens, validation) does not rely on it.
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def is_distributed() -> bool:
@@ -54,7 +60,7 @@ def init_distributed(device: torch.device | None = None) -> bool:
         return is_distributed()
     global _RAN_PROCESS_GROUP
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
     _RAN_PROCESS_GROUP = True
     return True
 

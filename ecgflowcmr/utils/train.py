@@ -57,9 +57,14 @@ class EMA(torch.nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict)
 
 
-def clip_grad(params, max_norm: float) -> float:
-    """Clip the global grad norm of ``params`` (skipped when max_norm <= 0); returns the norm."""
+def clip_grad(params, max_norm: float, sync: bool = True) -> float | torch.Tensor:
+    """Clip the global grad norm of ``params`` (skipped when max_norm <= 0); returns the norm, as a
+    float, or with ``sync=False`` as a device tensor (reading it waits for the GPU: do it rarely)."""
     params = [p for p in params if p.grad is not None]
-    if max_norm <= 0 or not params:
-        return float(torch.norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not params:
+        return 0.0 if sync else torch.zeros(())
+    if max_norm <= 0:
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm) if sync else norm.detach()

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.attention import sdpa
+
 ARCH_KEYS = ("latent_channels", "base_channels", "channel_mult", "num_res_blocks", "attention",
              "temporal_levels", "time_padding")
 
@@ -176,7 +178,7 @@ class AxialAttention(nn.Module):
         """tokens ``(N, L, ch)`` -> ``(N, L, ch)``."""
         n, length, ch = tokens.shape
         q, k, v = qkv(tokens).reshape(n, length, 3, self.heads, ch // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)            # (N, heads, L, d)
+        out = sdpa(q, k, v)                                      # (N, heads, L, d)
         return proj(out.transpose(1, 2).reshape(n, length, ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -445,21 +445,19 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
 
 
 def extract_latents(cfg: Config, device: torch.device | None = None) -> dict:
-    """Cache latents of every split + the template from ``runs/<exp>/vae/best.pt`` (rank 0)."""
+    """Cache latents of every split + the template from ``runs/<exp>/vae/best.pt`` (sharded over ranks)."""
     from .latents import extract_all
     from .model import load_vae
 
     device = device or select_device(cfg.device)
+    init_distributed(device)                # --extract-only under torchrun: shard, do not race
     best_path = require_file(cfg.stage_dir("vae") / "best.pt", "train_disentangle_vae3d.py (stage 2 training)")
     require_file(cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)")
     out_dir = stage_dir(cfg, "latents")
     log = setup_logging(cfg.stage_dir("vae") / "train.log")
-    summary = {}
+    vae = load_vae(best_path, device)
     if is_main():
-        vae = load_vae(best_path, device)
         log.info("caching latents with %s (VAE %s) into %s", best_path, vae.state_hash(), out_dir)
-        template = extract_all(vae, cfg.data_root, out_dir, device, batch_size=cfg.vae.batch_size)
-        summary = {"vae_hash": template["vae_hash"], "n_subjects": template["n_subjects"],
-                   "template_shape": list(template["template"].shape)}
-    barrier()
-    return summary
+    template = extract_all(vae, cfg.data_root, out_dir, device, batch_size=cfg.vae.batch_size)
+    return {"vae_hash": template["vae_hash"], "n_subjects": template["n_subjects"],
+            "template_shape": list(template["template"].shape)}
