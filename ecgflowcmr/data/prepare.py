@@ -51,7 +51,7 @@ from .ecg_io import LEADS, TARGET_FS, TARGET_LENGTH, ECGReadError, ECGReadWarnin
 
 log = logging.getLogger("ecgflowcmr.prepare")
 
-FORMAT_VERSION = 1          # bump when the reader/processing changes what lands in the arrays
+FORMAT_VERSION = 2          # bump when the reader/processing changes what lands in the arrays
 SPLITS = ("train", "val", "test")
 PATH_COLUMNS = ("ecg_path", "cmr_path", "mask_path")
 REQUIRED_COLUMNS = ("subject_id", "ecg_path", "cmr_path")
@@ -462,7 +462,7 @@ def _store(state: _State, fds: dict, result: dict) -> dict:
         os.pwrite(fds[name], data.tobytes(), state.offsets[name] + row * state.row_bytes[name])
     state.next_row += 1
     entry.update(row=row, rpeaks=result["rpeaks"], box=result["box"], ecg_file=result["ecg_file"],
-                 cmr_file=result["cmr_file"], mask_file=result["mask_file"])
+                 cmr_file=result["cmr_file"], mask_file=result["mask_file"], rpeak_source=result["rpeak_source"])
     return entry
 
 
@@ -487,7 +487,7 @@ def process_record(task) -> dict:
                 raise PrepareError("cmr_path is empty")
             ecg = read_ecg(ecg_path, tolerance_s=tolerance)
             try:
-                rpeaks = detect_rpeaks(ecg, fs=TARGET_FS)
+                rpeaks, how = detect_rpeaks(ecg, fs=TARGET_FS, return_info=True)
             except RPeakError as err:
                 raise PrepareError(f"R-peaks: {err}") from None
             current = cmr_path
@@ -496,7 +496,7 @@ def process_record(task) -> dict:
                 current = mask_path
                 out["masks"] = read_mask(mask_path, box)
             out.update(ok=True, ecg=ecg, cine=cine_to_uint8(cine[0]), rpeaks=rpeaks.tolist(),
-                       box=list(box)[:3])
+                       box=list(box)[:3], rpeak_source=rpeak_source(how))
         except (ECGReadError, CMRReadError, PrepareError) as err:
             out.update(file=current, reason=_strip_path(str(err), current))
         except Exception as err:  # an unexpected failure still only rejects this record
@@ -504,6 +504,13 @@ def process_record(task) -> dict:
     out["warnings"] = [_strip_path(str(w.message), ecg_path) for w in caught
                        if issubclass(w.category, (ECGReadWarning, RPeakWarning))][:5]
     return out
+
+
+def rpeak_source(info: dict) -> dict:
+    """The provenance columns saying how a record's R-peaks were found (``detect_rpeaks`` info)."""
+    return {"rpeak_lead": info["placed_on"], "rpeak_voters": info["voters"],
+            "rpeak_detectors": info["detectors"], "rpeak_runs": info["runs"],
+            "rpeak_min_votes": info["min_votes"]}
 
 
 def _strip_path(message: str, path: str) -> str:
@@ -544,6 +551,7 @@ def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use
         "crop_row": e["box"][0], "crop_col": e["box"][1], "crop_size": e["box"][2],
         "n_rpeaks": len(e["rpeaks"]),
         "heart_rate_rpeaks": round(60.0 * TARGET_FS / float(np.median(np.diff(e["rpeaks"]))), 2),
+        **e.get("rpeak_source", {}),
     } for e in kept])
     provenance.to_csv(root / "provenance.csv", index=False)
     _fsync_all(root, state.names + ["rpeaks"])
