@@ -77,6 +77,8 @@ class ECGConfig(TrainLoop):
     phase_weight: float = 1.0       # lambda in L_rec + lambda * L_phase
     cycle_mode: str = "median"      # median | ensemble | window (ablation: fixed centre window, no cycles)
     num_tokens: int = 50            # aligned tokens per R-R cycle (= cine frames)
+    augment: bool = True            # realistic ECG augmentation of the training records (ecg/augment.py:
+                                    # noise, wander, lead gain/polarity/loss, heart rate 40-150 bpm)
     lr: float = 3e-4
     weight_decay: float = 0.05
     batch_size: int = 32

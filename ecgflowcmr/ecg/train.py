@@ -15,6 +15,7 @@ import itertools
 import math
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,6 +28,7 @@ from ..utils.dist import (all_gather_object, barrier, cleanup, init_distributed,
 from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
 from ..utils.train import build_optimizer, clip_grad, cosine_schedule
+from .augment import augment_batch
 from .dataset import ECGPhaseDataset
 from .metrics import evaluate
 from .pamae import PAMAE, pamae_losses, sincos_to_phase
@@ -166,8 +168,11 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, disable=not is_main(),
                    desc=f"ecg epoch {epoch + 1}/{e.epochs}", leave=False, mininterval=2.0)
         for batch in bar:
-            ecg = batch["ecg"].to(device, non_blocking=True)
-            label = batch["phase"].to(device, non_blocking=True)
+            ecg, label = batch["ecg"], batch["phase"]
+            if e.augment:       # drawn from (seed, rank, step): a resumed run draws the same
+                ecg, label = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([cfg.seed, rank(), step]))
+            ecg = ecg.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True)
             with autocast(device, e.amp):
                 out = ddp_model(ecg, generator=mask_rng)
             losses = pamae_losses(out, label, e.phase_weight)
