@@ -63,6 +63,9 @@ class DataConfig:
     ecg_seconds: float = 10.0       # (contract: 10 s -> 5000 samples)
     ecg_length_tolerance_s: float = 0.5  # records within this of 10 s are cropped/padded; else refused
     workers: int = 2                # processes for phantom generation / preparation
+    unpaired_ecg: str = ""          # ECG-only records for stage 1 (self-supervised; stages 2-3 need pairs): a
+                                    # folder of ECG files or a CSV with ecg_path[, subject_id]; prepare_data.py
+                                    # reads them with the same readers and QC into <data root>/unpaired
 
 
 @dataclass
@@ -189,6 +192,11 @@ class Config:
     @property
     def data_root(self) -> Path:
         return Path(self.data.root) if self.data.root else self.run_path / "data"
+
+    @property
+    def unpaired_root(self) -> Path:
+        """Where ``prepare_data.py`` puts the ECG-only records of ``data.unpaired_ecg``."""
+        return self.data_root / "unpaired"
 
     @property
     def phantom_path(self) -> Path:

@@ -60,7 +60,8 @@ class Prepared:
 
         self.subjects = pd.read_csv(self.root / "subjects.csv", dtype={"subject_id": str})
         self.ecg = np.load(self.root / "ecg.npy", mmap_mode="r")
-        self.cine = np.load(self.root / "cine.npy", mmap_mode="r")
+        # ECG-only records (stage 1's unpaired pool, see prepare.prepare_ecg_only) have no cine
+        self.cine = None if self.meta.get("ecg_only") else np.load(self.root / "cine.npy", mmap_mode="r")
         self.rpeaks = np.load(self.root / "rpeaks.npy", mmap_mode="r")
         masks = self.root / "masks.npy"
         self.masks = np.load(masks, mmap_mode="r") if masks.is_file() else None

@@ -26,13 +26,18 @@ class ECGPhaseDataset(Dataset):
     """Items ``{"index", "ecg" (12, L) float32 mV, "phase" (L / 8, 2) float32 (sin, cos),
     "rpeaks" (MAX_RPEAKS,) int64 padded with -1}`` of a split.
 
+    ``exclude_subjects``: subject ids left out (the ECG-only pool drops the paired val/test subjects).
     Phase labels come from the prepared R-peaks (``rpeaks.npy``) through ``phase_from_rpeaks``,
     computed per item (cheap), so nothing of size N x L is held in memory.
     """
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str = "train", exclude_subjects=()):
         self.prepared = Prepared(root)
         self.indices = self.prepared.split_indices(split)
+        if exclude_subjects:
+            excluded = set(exclude_subjects)
+            ids = self.prepared.subject_ids()
+            self.indices = np.asarray([i for i in self.indices if ids[i] not in excluded], dtype=np.int64)
         if len(self.indices) == 0:
             raise ValueError(f"split '{split}' of the prepared dataset '{root}' is empty")
         self.split = split
