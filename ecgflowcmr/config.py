@@ -82,6 +82,7 @@ class ECGConfig(TrainLoop):
     num_tokens: int = 50            # aligned tokens per R-R cycle (= cine frames)
     augment: bool = True            # realistic ECG augmentation of the training records (ecg/augment.py:
                                     # noise, wander, lead gain/polarity/loss, heart rate 40-150 bpm)
+    augment_fraction: float = 1.0   # share of the training records augmented (the rest pass clean)
     lr: float = 3e-4
     weight_decay: float = 0.05
     batch_size: int = 32
@@ -355,6 +356,7 @@ def _validate(cfg: Config) -> None:
              "must be median, ensemble or window")
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
+    _require(0 <= e.augment_fraction <= 1, "ecg.augment_fraction", "must be in [0, 1]")
     _require(1 <= len(v.channel_mult) <= 4, "vae.channel_mult",
              "needs 1 to 4 levels: 4 levels = 3 downsamplings = 8x; with fewer, the rest of the 8x is "
              "a pixel-unshuffle (3 levels: 2x2 patches)")

@@ -59,11 +59,13 @@ def test_folder_of_ecgs_is_prepared_like_paired_records(pool):
     assert prepare_ecg_only(cfg, progress=False) == root                  # complete: a no-op
 
 
-def test_manifest_of_ecgs_and_bad_sources(tmp_path):
+def test_manifest_of_ecgs_and_bad_sources(tmp_path, monkeypatch):
     folder = ptbxl_folder(tmp_path / "ecgs", PTBXL_RECORDS[3:])
     manifest = tmp_path / "ecg_only.csv"
     manifest.write_text("subject_id,ecg_path\nA,ecgs/HR06003.hea\nB,ecgs/HR06004.hea\nC,ecgs/missing.hea\n")
-    root = prepare_ecg_only(cfg_for(tmp_path, manifest), progress=False)
+    monkeypatch.chdir(tmp_path.parent)             # a relative manifest path: ecg paths are relative to it
+    root = prepare_ecg_only(cfg_for(tmp_path.relative_to(tmp_path.parent), manifest.relative_to(tmp_path.parent)),
+                            progress=False)
     data = Prepared(root)
     assert data.subject_ids() == ["A", "B"]
     np.testing.assert_array_equal(data.ecg[1], read_ecg(folder / "HR06004.hea"))

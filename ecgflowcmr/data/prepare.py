@@ -584,7 +584,7 @@ def ecg_only_table(source: str | Path):
     table.columns = [str(c).strip() for c in table.columns]
     if "ecg_path" not in table.columns or len(table) == 0:
         raise PrepareError(f"data.unpaired_ecg: manifest '{source}' needs an ecg_path column and at least one row")
-    paths = [str(_resolve(source, p.strip())) for p in table["ecg_path"]]
+    paths = [str(_resolve(source, p.strip()).resolve()) for p in table["ecg_path"]]
     ids = table["subject_id"].str.strip() if "subject_id" in table.columns else [Path(p).stem for p in paths]
     return pd.DataFrame({"subject_id": list(ids), "ecg_path": paths})
 

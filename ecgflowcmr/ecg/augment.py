@@ -127,10 +127,12 @@ def time_stretch(ecg: np.ndarray, rpeaks: np.ndarray, factor: float, position: f
     return out, out_peaks[(out_peaks >= 0) & (out_peaks < length)]
 
 
-def augment_batch(ecg, rpeaks, rng: np.random.Generator, probabilities: dict | None = None):
+def augment_batch(ecg, rpeaks, rng: np.random.Generator, probabilities: dict | None = None,
+                  fraction: float = 1.0):
     """A training batch through ``augment_ecg``: ecg (B, 12, L) and R-peak rows (B, K) padded with
     -1 (tensors) -> augmented ecg (B, 12, L) float32 and the phase labels (B, L / 8, 2) of the moved
-    R-peaks (as ``dataset.ECGPhaseDataset`` builds them)."""
+    R-peaks (as ``dataset.ECGPhaseDataset`` builds them). Each record is augmented with probability
+    ``fraction``; the others pass unchanged."""
     import torch
 
     from .dataset import phase_labels
@@ -139,7 +141,10 @@ def augment_batch(ecg, rpeaks, rng: np.random.Generator, probabilities: dict | N
     ecgs, labels = [], []
     length = ecg.shape[-1]
     for record, row in zip(ecg.cpu().numpy(), rpeaks.cpu().numpy()):
-        out, peaks = augment_ecg(record, row, rng, probabilities=probabilities)
+        if rng.random() < fraction:
+            out, peaks = augment_ecg(record, row, rng, probabilities=probabilities)
+        else:
+            out, peaks = record, row[row >= 0]
         if len(peaks) < 2:   # cannot happen with a stretch window covering >= 2 R-R; keep the record then
             out, peaks = record.astype(np.float32), row[row >= 0]
         ecgs.append(out)

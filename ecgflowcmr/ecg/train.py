@@ -192,7 +192,8 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
         for batch in bar:
             ecg, label = batch["ecg"], batch["phase"]
             if e.augment:       # drawn from (seed, rank, step): a resumed run draws the same
-                ecg, label = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([cfg.seed, rank(), step]))
+                ecg, label = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([cfg.seed, rank(), step]),
+                                           fraction=e.augment_fraction)
             ecg = ecg.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True)
             with autocast(device, e.amp):
