@@ -83,6 +83,7 @@ class ECGConfig(TrainLoop):
     augment: bool = True            # realistic ECG augmentation of the training records (ecg/augment.py:
                                     # noise, wander, lead gain/polarity/loss, heart rate 40-150 bpm)
     augment_fraction: float = 1.0   # share of the training records augmented (the rest pass clean)
+    augment_denoise: bool = False   # reconstruct the record before noise and lead loss (not the noisy input)
     lr: float = 3e-4
     weight_decay: float = 0.05
     batch_size: int = 32

@@ -38,9 +38,11 @@ PROBABILITIES = {"stretch": 0.7, "amplitude": 0.5, "gain": 0.5, "polarity": 0.1,
 
 
 def augment_ecg(ecg: np.ndarray, rpeaks: np.ndarray, rng: np.random.Generator,
-                fs: float = FS, probabilities: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                fs: float = FS, probabilities: dict | None = None, return_clean: bool = False):
     """(12, L) mV and R-peaks (K,) -> augmented float32 (12, L) and int64 R-peaks (K',) (see the
-    module docstring). Negative R-peak entries (padding) are ignored."""
+    module docstring). Negative R-peak entries (padding) are ignored. ``return_clean``: return
+    (augmented, clean, R-peaks), clean being the record after the steps that change the heart's
+    signal (stretch, amplitude, gain, polarity) and before noise and lead loss."""
     p = dict(PROBABILITIES, **(probabilities or {}))
     ecg = np.asarray(ecg, dtype=np.float64)
     if ecg.ndim != 2:
@@ -61,6 +63,7 @@ def augment_ecg(ecg: np.ndarray, rpeaks: np.ndarray, rng: np.random.Generator,
         ecg *= np.exp(rng.uniform(np.log(0.8), np.log(1.25), size=(leads, 1)))
     if rng.random() < p["polarity"]:
         ecg[rng.integers(leads)] *= -1
+    clean = ecg.astype(np.float32) if return_clean else None
     if rng.random() < p["wander"]:
         freq = rng.uniform(0.05, 0.5, size=(1, 2, 1))
         amp = rng.uniform(0.0, 0.4, size=(1, 2, 1)) * rng.uniform(-1.0, 1.0, size=(leads, 2, 1))
@@ -74,6 +77,8 @@ def augment_ecg(ecg: np.ndarray, rpeaks: np.ndarray, rng: np.random.Generator,
     if rng.random() < p["missing"]:
         count = int(rng.integers(1, min(MAX_MISSING_LEADS, leads - 2) + 1))
         ecg[rng.choice(leads, size=count, replace=False)] = 0.0
+    if return_clean:
+        return ecg.astype(np.float32), clean, peaks
     return ecg.astype(np.float32), peaks
 
 
@@ -130,23 +135,26 @@ def time_stretch(ecg: np.ndarray, rpeaks: np.ndarray, factor: float, position: f
 def augment_batch(ecg, rpeaks, rng: np.random.Generator, probabilities: dict | None = None,
                   fraction: float = 1.0):
     """A training batch through ``augment_ecg``: ecg (B, 12, L) and R-peak rows (B, K) padded with
-    -1 (tensors) -> augmented ecg (B, 12, L) float32 and the phase labels (B, L / 8, 2) of the moved
-    R-peaks (as ``dataset.ECGPhaseDataset`` builds them). Each record is augmented with probability
-    ``fraction``; the others pass unchanged."""
+    -1 (tensors) -> augmented ecg (B, 12, L) float32, the phase labels (B, L / 8, 2) of the moved
+    R-peaks (as ``dataset.ECGPhaseDataset`` builds them) and the clean records (B, 12, L) (see
+    ``augment_ecg``'s ``return_clean``). Each record is augmented with probability ``fraction``;
+    the others pass unchanged."""
     import torch
 
     from .dataset import phase_labels
     from .phase import phase_from_rpeaks
 
-    ecgs, labels = [], []
+    ecgs, cleans, labels = [], [], []
     length = ecg.shape[-1]
     for record, row in zip(ecg.cpu().numpy(), rpeaks.cpu().numpy()):
         if rng.random() < fraction:
-            out, peaks = augment_ecg(record, row, rng, probabilities=probabilities)
+            out, clean, peaks = augment_ecg(record, row, rng, probabilities=probabilities, return_clean=True)
         else:
-            out, peaks = record, row[row >= 0]
+            out, clean, peaks = record, record, row[row >= 0]
         if len(peaks) < 2:   # cannot happen with a stretch window covering >= 2 R-R; keep the record then
-            out, peaks = record.astype(np.float32), row[row >= 0]
+            out, clean, peaks = record, record, row[row >= 0]
         ecgs.append(out)
+        cleans.append(clean)
         labels.append(phase_labels(phase_from_rpeaks(peaks, length)))
-    return torch.from_numpy(np.stack(ecgs)), torch.from_numpy(np.stack(labels))
+    return (torch.from_numpy(np.stack(ecgs).astype(np.float32)), torch.from_numpy(np.stack(labels)),
+            torch.from_numpy(np.stack(cleans).astype(np.float32)))

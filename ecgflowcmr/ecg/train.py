@@ -190,14 +190,15 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, disable=not is_main(),
                    desc=f"ecg epoch {epoch + 1}/{e.epochs}", leave=False, mininterval=2.0)
         for batch in bar:
-            ecg, label = batch["ecg"], batch["phase"]
+            ecg, label, target = batch["ecg"], batch["phase"], None
             if e.augment:       # drawn from (seed, rank, step): a resumed run draws the same
-                ecg, label = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([cfg.seed, rank(), step]),
-                                           fraction=e.augment_fraction)
+                ecg, label, clean = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([cfg.seed, rank(), step]),
+                                                  fraction=e.augment_fraction)
+                target = clean.to(device, non_blocking=True) if e.augment_denoise else None
             ecg = ecg.to(device, non_blocking=True)
             label = label.to(device, non_blocking=True)
             with autocast(device, e.amp):
-                out = ddp_model(ecg, generator=mask_rng)
+                out = ddp_model(ecg, generator=mask_rng, target=target)
             losses = pamae_losses(out, label, e.phase_weight)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
