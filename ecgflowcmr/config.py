@@ -63,6 +63,9 @@ class DataConfig:
     ecg_seconds: float = 10.0       # (contract: 10 s -> 5000 samples)
     ecg_length_tolerance_s: float = 0.5  # records within this of 10 s are cropped/padded; else refused
     workers: int = 2                # processes for phantom generation / preparation
+    unpaired_ecg: str = ""          # ECG-only records for stage 1 (self-supervised; stages 2-3 need pairs): a
+                                    # folder of ECG files or a CSV with ecg_path[, subject_id]; prepare_data.py
+                                    # reads them with the same readers and QC into <data root>/unpaired
 
 
 @dataclass
@@ -77,6 +80,10 @@ class ECGConfig(TrainLoop):
     phase_weight: float = 1.0       # lambda in L_rec + lambda * L_phase
     cycle_mode: str = "median"      # median | ensemble | window (ablation: fixed centre window, no cycles)
     num_tokens: int = 50            # aligned tokens per R-R cycle (= cine frames)
+    augment: bool = True            # realistic ECG augmentation of the training records (ecg/augment.py:
+                                    # noise, wander, lead gain/polarity/loss, heart rate 40-150 bpm)
+    augment_fraction: float = 1.0   # share of the training records augmented (the rest pass clean)
+    augment_denoise: bool = False   # reconstruct the record before noise and lead loss (not the noisy input)
     lr: float = 3e-4
     weight_decay: float = 0.05
     batch_size: int = 32
@@ -191,6 +198,11 @@ class Config:
     @property
     def data_root(self) -> Path:
         return Path(self.data.root) if self.data.root else self.run_path / "data"
+
+    @property
+    def unpaired_root(self) -> Path:
+        """Where ``prepare_data.py`` puts the ECG-only records of ``data.unpaired_ecg``."""
+        return self.data_root / "unpaired"
 
     @property
     def phantom_path(self) -> Path:
@@ -349,6 +361,7 @@ def _validate(cfg: Config) -> None:
              "must be median, ensemble or window")
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
+    _require(0 <= e.augment_fraction <= 1, "ecg.augment_fraction", "must be in [0, 1]")
     _require(1 <= len(v.channel_mult) <= 4, "vae.channel_mult",
              "needs 1 to 4 levels: 4 levels = 3 downsamplings = 8x; with fewer, the rest of the 8x is "
              "a pixel-unshuffle (3 levels: 2x2 patches)")

@@ -111,6 +111,12 @@ def test_prepare_keeps_good_records_and_reports_bad(prepared, raw):
     assert item["cine"].shape == (1, 50, 96, 96) and float(item["cine"].min()) >= -1
     provenance = pd.read_csv(root / "provenance.csv")
     assert list(provenance["manifest_row"]) == kept and (provenance["crop_size"] > 0).all()
+    # how each record's R-peaks were found: on lead II, voted by its usable leads and all detectors
+    for row, k in enumerate(kept):
+        _, how = detect_rpeaks(read_ecg(raw.parent / manifest["ecg_path"][k]), return_info=True)
+        assert provenance["rpeak_lead"][row] == how["placed_on"] == "II"
+        assert provenance["rpeak_voters"][row] == how["voters"] and how["voters"].startswith("II,")
+        assert provenance["rpeak_runs"][row] == how["runs"] >= 2
 
 
 def test_splits_by_subject(prepared):

@@ -11,7 +11,9 @@ Folder layout (the contract between preparation and stages 1-3)::
     <root>/qc_report.csv  subject_id, file, reason for every rejected record
     <root>/meta.json      {"n": N, "ecg_fs": 500, "num_frames": 50, "image_size": 96, "complete": true}
     <root>/qc_warnings.csv  subject_id, warning (kept records that needed a repair, e.g. derived leads)
-    <root>/provenance.csv   index, subject_id, manifest_row, source files, crop box, R-peak count/HR
+    <root>/provenance.csv   index, subject_id, manifest_row, source files, crop box, R-peak count/HR,
+                            how the R-peaks were found (rpeak_lead: the lead they sit on, rpeak_voters,
+                            rpeak_detectors, rpeak_runs, rpeak_min_votes; see ecg.phase.detect_rpeaks)
     <root>/config.yaml      the resolved config of the prepare_data.py run
 
 Arrays are opened with ``np.load(mmap_mode="r")``: nothing reads the whole dataset into RAM.
@@ -88,7 +90,8 @@ class Prepared(MemmapPickling):
 
         self.subjects = pd.read_csv(self.root / "subjects.csv", dtype={"subject_id": str})
         self.ecg = np.load(self.root / "ecg.npy", mmap_mode="r")
-        self.cine = np.load(self.root / "cine.npy", mmap_mode="r")
+        # ECG-only records (stage 1's unpaired pool, see prepare.prepare_ecg_only) have no cine
+        self.cine = None if self.meta.get("ecg_only") else np.load(self.root / "cine.npy", mmap_mode="r")
         self.rpeaks = np.load(self.root / "rpeaks.npy", mmap_mode="r")
         masks = self.root / "masks.npy"
         self.masks = np.load(masks, mmap_mode="r") if masks.is_file() else None

@@ -21,6 +21,11 @@
    ``qc_report.csv``, ``qc_warnings.csv``, ``provenance.csv`` are written, and last ``meta.json``
    with ``complete: true``.
 
+5. With ``data.unpaired_ecg`` (a folder of ECG files or a CSV with ``ecg_path``): the ECG-only
+   records, through the same reader, R-peak labels and QC, into ``<root>/unpaired/`` (``ecg.npy``,
+   ``rpeaks.npy``, ``subjects.csv``, QC and provenance tables, ``meta.json`` with
+   ``ecg_only: true``). Only stage 1 reads them; stages 2-3 need pairs.
+
 Re-running resumes: finished records (those in the journal) are skipped, so an interrupted run
 continues where it stopped; a complete dataset is a no-op (only the split files are rewritten if
 ``data.split_fractions`` / ``data.split_seed`` changed). A dataset prepared from a different
@@ -51,7 +56,7 @@ from .ecg_io import LEADS, TARGET_FS, TARGET_LENGTH, ECGReadError, ECGReadWarnin
 
 log = logging.getLogger("ecgflowcmr.prepare")
 
-FORMAT_VERSION = 1          # bump when the reader/processing changes what lands in the arrays
+FORMAT_VERSION = 2          # bump when the reader/processing changes what lands in the arrays
 SPLITS = ("train", "val", "test")
 PATH_COLUMNS = ("ecg_path", "cmr_path", "mask_path")
 REQUIRED_COLUMNS = ("subject_id", "ecg_path", "cmr_path")
@@ -78,10 +83,20 @@ class PrepareError(RuntimeError):
 def prepare(cfg, max_records: int | None = None, progress: bool = True) -> Path:
     """Prepare ``cfg.data_root`` from the manifest; returns the root.
 
+    With ``data.unpaired_ecg``, the ECG-only records follow once the paired dataset is complete
+    (``prepare_ecg_only``, into ``cfg.unpaired_root``).
     ``max_records``: process at most this many not-yet-finished records, then stop with a
     resumable, incomplete dataset (``meta.json`` says ``complete: false``): for time-limited jobs
     and tests. ``progress``: show a tqdm bar.
     """
+    root = _prepare_paired(cfg, max_records, progress)
+    if cfg.data.unpaired_ecg and Path(root / "meta.json").is_file() and \
+            json.loads((root / "meta.json").read_text()).get("complete"):
+        prepare_ecg_only(cfg, max_records, progress)
+    return root
+
+
+def _prepare_paired(cfg, max_records: int | None, progress: bool) -> Path:
     root = Path(cfg.data_root)
     manifest_path = _ensure_manifest(cfg)
     table = read_manifest(manifest_path)
@@ -89,13 +104,7 @@ def prepare(cfg, max_records: int | None = None, progress: bool = True) -> Path:
     split_params = {"fractions": list(cfg.data.split_fractions), "seed": int(cfg.data.split_seed)}
     use_masks = _use_masks(table, manifest_path)
 
-    meta_path = root / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta is not None and meta.get("fingerprint") != fingerprint:
-        raise PrepareError(
-            f"'{root}' holds a dataset prepared from another manifest or with other reader settings "
-            f"(meta.json fingerprint differs from {manifest_path}). Delete '{root}' to rebuild it, "
-            f"or set data.root to another folder.")
+    meta = _existing_meta(root, fingerprint, manifest_path)
     if meta is not None and meta.get("complete"):
         if meta.get("split") != split_params:
             log.info("dataset complete; split settings changed: rewriting splits only")
@@ -120,6 +129,18 @@ def prepare(cfg, max_records: int | None = None, progress: bool = True) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Manifest
 # ----------------------------------------------------------------------------------------------
+
+
+def _existing_meta(root: Path, fingerprint: str, source: Path) -> dict | None:
+    """meta.json of what ``root`` holds (None if nothing); an error if it came from other input."""
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta is not None and meta.get("fingerprint") != fingerprint:
+        raise PrepareError(
+            f"'{root}' holds a dataset prepared from another manifest or with other reader settings "
+            f"(meta.json fingerprint differs from {source}). Delete '{root}' to rebuild it, "
+            f"or set data.root to another folder.")
+    return meta
 
 
 def _ensure_manifest(cfg) -> Path:
@@ -193,8 +214,8 @@ def _resolve(manifest_path: Path, value: str) -> Path:
     return path if path.is_absolute() else manifest_path.parent / path
 
 
-def _fingerprint(manifest_path: Path, cfg) -> str:
-    digest = hashlib.sha256(Path(manifest_path).read_bytes())
+def _fingerprint(manifest_path: Path | bytes, cfg) -> str:
+    digest = hashlib.sha256(manifest_path if isinstance(manifest_path, bytes) else Path(manifest_path).read_bytes())
     digest.update(json.dumps({"format": FORMAT_VERSION,
                               "tolerance": cfg.data.ecg_length_tolerance_s}).encode())
     return digest.hexdigest()[:16]
@@ -263,8 +284,9 @@ class _State:
         return self.root / WORK_DIR / JOURNAL
 
 
-def _open_state(root: Path, table, fingerprint: str, use_masks: bool, resuming: bool) -> _State:
-    names = ["ecg", "cine"] + (["masks"] if use_masks else [])
+def _open_state(root: Path, table, fingerprint: str, use_masks: bool, resuming: bool,
+                ecg_only: bool = False) -> _State:
+    names = ["ecg"] if ecg_only else ["ecg", "cine"] + (["masks"] if use_masks else [])
     state = _State(root, len(table), names)
     work = root / WORK_DIR
     arrays_ok = False
@@ -369,9 +391,13 @@ def _process(state: _State, table, manifest_path: Path, pending: list[int], cfg,
     tasks = []
     for i in pending:
         row = table.iloc[i]
-        paths = [str(_resolve(manifest_path, row[c])) if row[c] else "" for c in ("ecg_path", "cmr_path")]
+        ecg = str(_resolve(manifest_path, row["ecg_path"])) if row["ecg_path"] else ""
+        if "cmr_path" in row:
+            cmr = str(_resolve(manifest_path, row["cmr_path"])) if row["cmr_path"] else ""
+        else:
+            cmr = None      # an ECG-only record
         mask = str(_resolve(manifest_path, row["mask_path"])) if use_masks else None
-        tasks.append((i, row["subject_id"], paths[0], paths[1], mask, tolerance))
+        tasks.append((i, row["subject_id"], ecg, cmr, mask, tolerance))
     workers = max(0, int(cfg.data.workers))
     fds = {n: os.open(state.root / f"{n}.npy", os.O_RDWR) for n in state.names}
     kept = rejected = 0
@@ -461,19 +487,19 @@ def _store(state: _State, fds: dict, result: dict) -> dict:
         assert data.nbytes == state.row_bytes[name], (name, data.shape)
         os.pwrite(fds[name], data.tobytes(), state.offsets[name] + row * state.row_bytes[name])
     state.next_row += 1
-    entry.update(row=row, rpeaks=result["rpeaks"], box=result["box"], ecg_file=result["ecg_file"],
-                 cmr_file=result["cmr_file"], mask_file=result["mask_file"])
+    entry.update(row=row, rpeaks=result["rpeaks"], box=result.get("box"), ecg_file=result["ecg_file"],
+                 cmr_file=result["cmr_file"], mask_file=result["mask_file"], rpeak_source=result["rpeak_source"])
     return entry
 
 
 def process_record(task) -> dict:
-    """Read one manifest record (runs in a worker). Never raises: failures come back as
-    ``{"ok": False, "file": ..., "reason": ...}``."""
-    from ..ecg.phase import RPeakError, RPeakWarning, detect_rpeaks
+    """Read one manifest record (runs in a worker; ``cmr_path`` None: an ECG-only record). Never
+    raises: failures come back as ``{"ok": False, "file": ..., "reason": ...}``."""
+    from ..ecg.phase import RPeakError, detect_rpeaks
 
     i, subject_id, ecg_path, cmr_path, mask_path, tolerance = task
     out = {"i": i, "subject_id": subject_id, "ok": False, "warnings": [], "ecg_file": ecg_path,
-           "cmr_file": cmr_path, "mask_file": mask_path or ""}
+           "cmr_file": cmr_path or "", "mask_file": mask_path or ""}
     current = ecg_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -482,28 +508,43 @@ def process_record(task) -> dict:
                 raise PrepareError("subject_id is empty")
             if not ecg_path:
                 raise PrepareError("ecg_path is empty")
-            if not cmr_path:
-                current = cmr_path
+            if cmr_path == "":
                 raise PrepareError("cmr_path is empty")
             ecg = read_ecg(ecg_path, tolerance_s=tolerance)
             try:
-                rpeaks = detect_rpeaks(ecg, fs=TARGET_FS)
+                rpeaks, how = detect_rpeaks(ecg, fs=TARGET_FS, return_info=True)
             except RPeakError as err:
                 raise PrepareError(f"R-peaks: {err}") from None
+            out.update(ecg=ecg, rpeaks=rpeaks.tolist(), rpeak_source=rpeak_source(how))
+            if cmr_path is None:
+                out.update(ok=True)
+                return _with_warnings(out, caught, ecg_path)
             current = cmr_path
             cine, box = read_cine(cmr_path, return_box=True)
             if mask_path is not None:
                 current = mask_path
                 out["masks"] = read_mask(mask_path, box)
-            out.update(ok=True, ecg=ecg, cine=cine_to_uint8(cine[0]), rpeaks=rpeaks.tolist(),
-                       box=list(box)[:3])
+            out.update(ok=True, cine=cine_to_uint8(cine[0]), box=list(box)[:3])
         except (ECGReadError, CMRReadError, PrepareError) as err:
             out.update(file=current, reason=_strip_path(str(err), current))
         except Exception as err:  # an unexpected failure still only rejects this record
             out.update(file=current, reason=f"unexpected {type(err).__name__}: {err}")
+    return _with_warnings(out, caught, ecg_path)
+
+
+def _with_warnings(out: dict, caught: list, ecg_path: str) -> dict:
+    from ..ecg.phase import RPeakWarning
+
     out["warnings"] = [_strip_path(str(w.message), ecg_path) for w in caught
                        if issubclass(w.category, (ECGReadWarning, RPeakWarning))][:5]
     return out
+
+
+def rpeak_source(info: dict) -> dict:
+    """The provenance columns saying how a record's R-peaks were found (``detect_rpeaks`` info)."""
+    return {"rpeak_lead": info["placed_on"], "rpeak_voters": info["voters"],
+            "rpeak_detectors": info["detectors"], "rpeak_runs": info["runs"],
+            "rpeak_min_votes": info["min_votes"]}
 
 
 def _strip_path(message: str, path: str) -> str:
@@ -512,11 +553,87 @@ def _strip_path(message: str, path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# ECG-only records (stage 1's unpaired pool)
+# ----------------------------------------------------------------------------------------------
+
+ECG_SUFFIXES = (".xml", ".hea", ".npy", ".csv")
+
+
+def ecg_only_table(source: str | Path):
+    """``data.unpaired_ecg`` -> DataFrame (subject_id, ecg_path) with absolute paths.
+
+    ``source``: a CSV manifest with an ``ecg_path`` column (``subject_id`` optional: the file name
+    without suffix; relative paths are relative to the CSV), or a folder whose ECG files
+    (``ECG_SUFFIXES``, searched recursively) are the records (subject_id: the path in the folder
+    without suffix)."""
+    import pandas as pd
+
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in ECG_SUFFIXES and p.is_file())
+        if not files:
+            raise PrepareError(f"data.unpaired_ecg: no ECG file ({', '.join(ECG_SUFFIXES)}) under '{source}'")
+        return pd.DataFrame({"subject_id": [str(p.relative_to(source).with_suffix("")) for p in files],
+                             "ecg_path": [str(p.resolve()) for p in files]})
+    if not source.is_file():
+        raise PrepareError(f"data.unpaired_ecg: '{source}' is neither a folder of ECG files nor a manifest CSV")
+    try:
+        table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    except Exception as err:
+        raise PrepareError(f"data.unpaired_ecg: manifest '{source}' is unreadable: {err}") from None
+    table.columns = [str(c).strip() for c in table.columns]
+    if "ecg_path" not in table.columns or len(table) == 0:
+        raise PrepareError(f"data.unpaired_ecg: manifest '{source}' needs an ecg_path column and at least one row")
+    paths = [str(_resolve(source, p.strip()).resolve()) for p in table["ecg_path"]]
+    ids = table["subject_id"].str.strip() if "subject_id" in table.columns else [Path(p).stem for p in paths]
+    return pd.DataFrame({"subject_id": list(ids), "ecg_path": paths})
+
+
+def prepare_ecg_only(cfg, max_records: int | None = None, progress: bool = True) -> Path:
+    """``data.unpaired_ecg`` -> ``cfg.unpaired_root``: ``ecg.npy``, ``rpeaks.npy``, ``subjects.csv``
+    (all records in the train split), QC tables and ``provenance.csv`` as for paired records (same
+    readers, same R-peak labels, same refusals), ``meta.json`` with ``ecg_only: true``; no cine.
+    Resumes like ``prepare``."""
+    import pandas as pd
+
+    root = Path(cfg.unpaired_root)
+    table = ecg_only_table(cfg.data.unpaired_ecg)
+    listing = table.to_csv(index=False).encode()
+    fingerprint = _fingerprint(listing, cfg)
+    meta = _existing_meta(root, fingerprint, Path(cfg.data.unpaired_ecg))
+    if meta is not None and meta.get("complete"):
+        log.info("ECG-only records in '%s' are complete (%d records): nothing to do", root, meta["n"])
+        return root
+    state = _open_state(root, table, fingerprint, False, meta is not None, ecg_only=True)
+    pending = [i for i in range(len(table)) if i not in state.done]
+    if max_records is not None:
+        pending = pending[:max(0, int(max_records))]
+    if pending:
+        _process(state, table, root / "listing.csv", pending, cfg, False, progress)
+    if len(state.done) < len(table):
+        log.info("stopped with %d of %d ECG-only records done; re-run to continue", len(state.done), len(table))
+        return root
+    kept = _finalise_records(state, table, Path(cfg.data.unpaired_ecg))
+    subjects = pd.DataFrame({"index": [e["row"] for e in kept], "subject_id": [e["subject_id"] for e in kept],
+                             "split": "train"})
+    subjects.to_csv(root / "subjects.csv", index=False)
+    _write_json(root / "splits.json", {"train": sorted(set(subjects["subject_id"])), "val": [], "test": []})
+    _write_json(root / "meta.json", {
+        "n": len(kept), "ecg_fs": TARGET_FS, "leads": LEADS, "ecg_only": True, "rejected": len(table) - len(kept),
+        "source": str(cfg.data.unpaired_ecg), "fingerprint": fingerprint, "format_version": FORMAT_VERSION,
+        "max_rpeaks": max(len(e["rpeaks"]) for e in kept), "complete": True})
+    shutil.rmtree(root / WORK_DIR, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
 # Finalisation
 # ----------------------------------------------------------------------------------------------
 
 
-def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use_masks: bool) -> None:
+def _finalise_records(state: _State, table, manifest_path: Path) -> list[dict]:
+    """QC tables, arrays shrunk to the kept rows, ``rpeaks.npy`` and ``provenance.csv`` (the columns
+    of every record, then those of a paired one); returns the kept journal entries."""
     import pandas as pd
 
     root = state.root
@@ -538,23 +655,33 @@ def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use
     for e in kept:
         rpeaks[e["row"], : len(e["rpeaks"])] = e["rpeaks"]
     np.save(root / "rpeaks.npy", rpeaks)
+    paired = "cine" in state.names
     provenance = pd.DataFrame([{
-        "index": e["row"], "subject_id": e["subject_id"], "manifest_row": e["i"],
-        "ecg_file": e["ecg_file"], "cmr_file": e["cmr_file"], "mask_file": e["mask_file"],
-        "crop_row": e["box"][0], "crop_col": e["box"][1], "crop_size": e["box"][2],
+        "index": e["row"], "subject_id": e["subject_id"], "manifest_row": e["i"], "ecg_file": e["ecg_file"],
+        **({"cmr_file": e["cmr_file"], "mask_file": e["mask_file"], "crop_row": e["box"][0],
+            "crop_col": e["box"][1], "crop_size": e["box"][2]} if paired else {}),
         "n_rpeaks": len(e["rpeaks"]),
         "heart_rate_rpeaks": round(60.0 * TARGET_FS / float(np.median(np.diff(e["rpeaks"]))), 2),
+        **e.get("rpeak_source", {}),
     } for e in kept])
     provenance.to_csv(root / "provenance.csv", index=False)
     _fsync_all(root, state.names + ["rpeaks"])
+    log.info("prepared %d records in '%s' (%d rejected, see qc_report.csv)", n, root, len(rejected))
+    return kept
+
+
+def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use_masks: bool) -> None:
+    root = state.root
+    kept = _finalise_records(state, table, manifest_path)
+    n, rejected = len(kept), len(table) - len(kept)
+    max_r = max(len(e["rpeaks"]) for e in kept)
     meta = {"n": n, "ecg_fs": TARGET_FS, "num_frames": NUM_FRAMES, "image_size": IMAGE_SIZE,
-            "leads": LEADS, "masks": use_masks, "max_rpeaks": max_r, "rejected": len(rejected),
+            "leads": LEADS, "masks": use_masks, "max_rpeaks": max_r, "rejected": rejected,
             "manifest": str(manifest_path), "fingerprint": json.loads((root / "meta.json").read_text())
             ["fingerprint"], "format_version": FORMAT_VERSION, "complete": False}
     _write_tables(root, table, manifest_path, split_params, meta, rewrite_splits_only=False,
                   kept_rows=[e["i"] for e in kept])
     shutil.rmtree(root / WORK_DIR, ignore_errors=True)
-    log.info("prepared %d records in '%s' (%d rejected, see qc_report.csv)", n, root, len(rejected))
 
 
 def _write_tables(root: Path, table, manifest_path: Path, split_params: dict, meta: dict,

@@ -19,16 +19,25 @@ def phase_labels(phase: np.ndarray, stride: int = STRIDE) -> np.ndarray:
     return phase_targets(phase).reshape(2, -1, stride).mean(axis=2).T.copy()
 
 
-class ECGPhaseDataset(Dataset):
-    """Items ``{"index", "ecg" (12, L) float32 mV, "phase" (L / 8, 2) float32 (sin, cos)}`` of a split.
+MAX_RPEAKS = 64             # R-peak slots per item: 10 s at 240 bpm (the detector's ceiling) is 40
 
+
+class ECGPhaseDataset(Dataset):
+    """Items ``{"index", "ecg" (12, L) float32 mV, "phase" (L / 8, 2) float32 (sin, cos),
+    "rpeaks" (MAX_RPEAKS,) int64 padded with -1}`` of a split.
+
+    ``exclude_subjects``: subject ids left out (the ECG-only pool drops the paired val/test subjects).
     Phase labels come from the prepared R-peaks (``rpeaks.npy``) through ``phase_from_rpeaks``,
     computed per item (cheap), so nothing of size N x L is held in memory.
     """
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str = "train", exclude_subjects=()):
         self.prepared = Prepared(root)
         self.indices = self.prepared.split_indices(split)
+        if exclude_subjects:
+            excluded = set(exclude_subjects)
+            ids = self.prepared.subject_ids()
+            self.indices = np.asarray([i for i in self.indices if ids[i] not in excluded], dtype=np.int64)
         if len(self.indices) == 0:
             raise ValueError(f"split '{split}' of the prepared dataset '{root}' is empty")
         self.split = split
@@ -43,7 +52,11 @@ class ECGPhaseDataset(Dataset):
         idx = int(self.indices[i])
         ecg = np.array(self.prepared.ecg[idx], dtype=np.float32)
         phase = phase_from_rpeaks(self.prepared.rpeaks_of(idx), ecg.shape[-1])
-        return {"index": idx, "ecg": torch.from_numpy(ecg), "phase": torch.from_numpy(phase_labels(phase))}
+        peaks = self.prepared.rpeaks_of(idx)[:MAX_RPEAKS]
+        padded = np.full(MAX_RPEAKS, -1, dtype=np.int64)
+        padded[:len(peaks)] = peaks
+        return {"index": idx, "ecg": torch.from_numpy(ecg), "phase": torch.from_numpy(phase_labels(phase)),
+                "rpeaks": torch.from_numpy(padded)}
 
     def training_sample(self, max_records: int = 256) -> np.ndarray:
         """Up to ``max_records`` ECGs (evenly spaced over the split) for the normaliser's lead scale."""

@@ -14,8 +14,9 @@ For a PA-MAE and ECGs with reference R-peaks:
   transients), where the phase labels extrapolate with the median R-R, so a predicted wrap before
   the first / after the last reference peak is not judged against a reference that says nothing;
 - ``start_offset_ms``: median over records of |chosen cycle start - nearest reference R-peak|
-  (``end_offset_ms`` likewise for the end; records on the fallback path are left out and counted in
-  ``fallback``).
+  (``start_offset_p90_ms``: its 90th percentile; ``end_offset_ms`` likewise for the end; records
+  on the fallback path are left out and counted in ``fallback``);
+- ``f1``: 2 sensitivity PPV / (sensitivity + PPV) of the wraps.
 """
 from __future__ import annotations
 
@@ -102,14 +103,18 @@ class Accumulator:
 
     def summary(self) -> dict:
         nan = float("nan")
+        sens = self.tp / self.n_ref if self.n_ref else nan
+        ppv = self.tp / self.n_pred if self.n_pred else nan
         return {
             "records": self.records,
             "rec_mse": self.sq_err / self.count if self.count else nan,
             "phase_mae": self.phase_err / self.phase_n if self.phase_n else nan,
             "phase_mae_inner": self.inner_err / self.inner_n if self.inner_n else nan,
-            "sensitivity": self.tp / self.n_ref if self.n_ref else nan,
-            "ppv": self.tp / self.n_pred if self.n_pred else nan,
+            "sensitivity": sens,
+            "ppv": ppv,
+            "f1": 2 * sens * ppv / (sens + ppv) if sens + ppv > 0 else nan,
             "start_offset_ms": float(np.median(self.start_off)) if self.start_off else nan,
+            "start_offset_p90_ms": float(np.percentile(self.start_off, 90)) if self.start_off else nan,
             "end_offset_ms": float(np.median(self.end_off)) if self.end_off else nan,
             "fallback": self.fallback,
         }
@@ -148,8 +153,8 @@ def evaluate(model: PAMAE, batches, device: torch.device, cycle_mode: str = "med
 
 def markdown_table(rows: dict[str, dict], keys=None) -> str:
     """{name: metrics} -> a markdown table with one column per data set."""
-    keys = keys or ["records", "rec_mse", "phase_mae", "phase_mae_inner", "sensitivity", "ppv",
-                    "start_offset_ms", "end_offset_ms", "fallback"]
+    keys = keys or ["records", "rec_mse", "phase_mae", "phase_mae_inner", "sensitivity", "ppv", "f1",
+                    "start_offset_ms", "start_offset_p90_ms", "end_offset_ms", "fallback"]
     names = list(rows)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key in keys:

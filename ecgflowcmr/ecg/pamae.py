@@ -279,9 +279,10 @@ class PAMAE(nn.Module):
         return cls(ecg_cfg.width, ecg_cfg.depth, ecg_cfg.heads, ecg_cfg.decoder_depth, ecg_cfg.mask_ratio)
 
     def forward(self, ecg: torch.Tensor, mask_ratio: float | None = None,
-                generator: torch.Generator | None = None) -> dict:
+                generator: torch.Generator | None = None, target: torch.Tensor | None = None) -> dict:
         """ecg (B, 12, L) mV -> {"recon" (B, 12, L), "target" (B, 12, L) normalised ECG,
-        "sincos" (B, P, 2) from the unmasked input, "mask" (B, P) bool}."""
+        "sincos" (B, P, 2) from the unmasked input, "mask" (B, P) bool}. ``target`` (B, 12, L) mV:
+        what to reconstruct, when not ``ecg`` itself (the record before noise was added to it)."""
         enc = self.encoder
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         tokens = enc.embed(ecg)
@@ -291,7 +292,7 @@ class PAMAE(nn.Module):
         both_mask = torch.cat([mask, torch.zeros_like(mask)], dim=0)
         feats = enc.contextualise(both, both_mask)
         masked_feats, clean_feats = feats[:b], feats[b:]
-        return {"recon": self.decoder(masked_feats), "target": enc.normalizer(ecg),
+        return {"recon": self.decoder(masked_feats), "target": enc.normalizer(ecg if target is None else target),
                 "sincos": enc.phase_sincos(clean_feats), "mask": mask}
 
 

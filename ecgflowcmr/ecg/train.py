@@ -1,6 +1,7 @@
 """Stage-1 training loop (``train_ecg.py`` is the command line around ``train``).
 
-Reads ``<data root>`` (``prepare_data.py``), writes ``runs/<exp>/ecg/``: ``best.pt`` (lowest
+Reads ``<data root>`` (``prepare_data.py``; with ``data.unpaired_ecg`` also its ECG-only records in
+``<data root>/unpaired``, added to the training split), writes ``runs/<exp>/ecg/``: ``best.pt`` (lowest
 validation loss), ``last.pt`` (every epoch, and when ``max_steps`` stops the run), ``config.yaml``,
 ``train.log``, ``log.jsonl`` (one line per validation) and ``figures/{reconstruction,phase}.png``.
 
@@ -15,6 +16,7 @@ import itertools
 import math
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,6 +29,7 @@ from ..utils.dist import (all_gather_object, barrier, cleanup, init_distributed,
 from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
 from ..utils.train import build_optimizer, clip_grad, cosine_schedule
+from .augment import augment_batch
 from .dataset import ECGPhaseDataset
 from .metrics import evaluate
 from .pamae import PAMAE, pamae_losses, sincos_to_phase
@@ -52,6 +55,9 @@ def _check_resumable(ckpt: dict, cfg: Config, path) -> None:
     for key in ("seed",):
         if old.get(key) != new[key]:
             diffs.append(f"{key}: {old.get(key)!r} -> {new[key]!r}")
+    if old.get("data", {}).get("unpaired_ecg", "") != new["data"]["unpaired_ecg"]:
+        diffs.append(f"data.unpaired_ecg: {old.get('data', {}).get('unpaired_ecg', '')!r} -> "
+                     f"{new['data']['unpaired_ecg']!r}")
     if diffs:
         raise ConfigError(f"'{path}' was written with a different configuration ({'; '.join(diffs)}). "
                           f"Start over with train_ecg.py --fresh (or delete '{path.parent}'), or choose "
@@ -80,6 +86,22 @@ def _figures(model: PAMAE, dataset: ECGPhaseDataset, out_dir, device, cycle_mode
                phase_from_rpeaks(ref, ecg.shape[-1]), phase[0].cpu().numpy(), int(sel.start[0]),
                int(sel.end[0]), ref, wraps, bool(sel.fallback[0]),
                title=f"predicted vs true phase, val subject {subject}, epoch {epoch} ({cycle_mode} cycle)")
+
+
+def training_sets(cfg: Config):
+    """(training set, paired train split, val split). The training set is the paired train split,
+    plus, with ``data.unpaired_ecg``, the prepared ECG-only records less any subject of the paired
+    val/test splits (so no validation or test subject ever trains stage 1, whichever pool holds it)."""
+    paired_train = ECGPhaseDataset(cfg.data_root, "train")
+    val_set = ECGPhaseDataset(cfg.data_root, "val")
+    if not cfg.data.unpaired_ecg:
+        return paired_train, paired_train, val_set
+    require_file(cfg.unpaired_root / "meta.json", "prepare_data.py (the ECG-only records of data.unpaired_ecg)")
+    prepared = val_set.prepared
+    held_out = set(prepared.subject_ids(prepared.split_indices("val"))) | \
+        set(prepared.subject_ids(prepared.split_indices("test")))
+    pool = ECGPhaseDataset(cfg.unpaired_root, "all", exclude_subjects=held_out)
+    return torch.utils.data.ConcatDataset([paired_train, pool]), paired_train, val_set
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False) -> dict:
@@ -113,11 +135,13 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
                  last_path, done_epochs, int(ckpt["step"]))
 
     seed_everything(cfg.seed)
-    train_set = ECGPhaseDataset(cfg.data_root, "train")
-    val_set = ECGPhaseDataset(cfg.data_root, "val")
+    train_set, paired_train, val_set = training_sets(cfg)
+    if len(train_set) > len(paired_train):
+        log.info("stage 1 also trains on %d ECG-only records (%s)", len(train_set) - len(paired_train),
+                 cfg.data.unpaired_ecg)
     model = PAMAE.from_config(e)
     if ckpt is None:
-        model.encoder.normalizer.fit(train_set.training_sample())
+        model.encoder.normalizer.fit(paired_train.training_sample())
     model.to(device)
     ddp_model = wrap_ddp(model, device)
     optimizer = build_optimizer(model.parameters(), e.lr, e.weight_decay)
@@ -167,10 +191,15 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
         bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, disable=not is_main(),
                    desc=f"ecg epoch {epoch + 1}/{e.epochs}", leave=False, mininterval=2.0)
         for batch in bar:
-            ecg = batch["ecg"].to(device, non_blocking=True)
-            label = batch["phase"].to(device, non_blocking=True)
+            ecg, label, target = batch["ecg"], batch["phase"], None
+            if e.augment:       # drawn from (seed, rank, step): a resumed run draws the same
+                ecg, label, clean = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([cfg.seed, rank(), step]),
+                                                  fraction=e.augment_fraction)
+                target = clean.to(device, non_blocking=True) if e.augment_denoise else None
+            ecg = ecg.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True)
             with autocast(device, e.amp):
-                out = ddp_model(ecg, generator=mask_rng)
+                out = ddp_model(ecg, generator=mask_rng, target=target)
             losses = pamae_losses(out, label, e.phase_weight)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
