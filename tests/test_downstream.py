@@ -272,3 +272,45 @@ def test_missing_pool_or_flow_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "train_flow.py" in capsys.readouterr().err
     assert main(base + ["downstream.regression_columns=[lvm]", "downstream.sources=[]", "downstream.ratios=[0]"]) == 2
     assert "['lvm'] not in the prepared dataset" in capsys.readouterr().err
+
+
+def test_flow_sources_generator_nearest_template(tmp_path, monkeypatch, seen):
+    """The three sources that read a flow checkpoint, on a tiny trained flow (fake VAE)."""
+    from downstream import main
+    from ecgflowcmr.flow.generator import ECGToCine
+    from ecgflowcmr.flow.trainer import train
+    from tests.flow_fakes import build_run, tiny_config, use_bridges
+
+    use_bridges(monkeypatch, real_ecg=True, real_vae=False)
+    run = build_run(tmp_path / "run", n=12, real_vae=False)
+    train(tiny_config(run, "flow.epochs=1"))
+    _table(6, 6).to_csv(run / "data" / "subjects.csv", index=False)       # 6 pretraining, 6 labelled
+    manifest = _pool(tmp_path / "pool", 8, labelled_id="S0007")
+    args = ["--config", str(TINY_YAML), f"run_dir={run}", f"downstream.pool={manifest}",
+            "downstream.sources=[generator,nearest,template]", "downstream.ratios=[200]",
+            "downstream.samples_per_ecg=2", "downstream.scratch=false"]
+    assert main(args) == 0
+    out = run / "downstream"
+    result = json.loads((out / "downstream.json").read_text())
+    assert list(result["rows"]) == ["generator_200", "nearest_200", "template_200"]
+    assert {r["counts"]["synthetic"] for r in result["rows"].values()} == {12}
+    # 6 usable pool ECGs x 2 samples = 12: every generated sample once
+    done = np.load(out / "pool" / "generator.done.npy")
+    assert done.shape == (6, 2) and done.all()
+    generated = np.load(out / "pool" / "generator.npy")
+    assert not np.array_equal(generated[0, 0], generated[0, 1])           # two samples of one ECG differ
+    flow = ECGToCine.from_checkpoint(run / "flow" / "best.pt", "cpu")
+    pool_ecg = torch.from_numpy(np.load(out / "pool" / "ecg.npy")[:1])
+    subject = json.loads((out / "pool" / "pool.json").read_text())["subjects"][0]
+    from ecgflowcmr.data.datasets import cine_to_uint8
+    from ecgflowcmr.flow.generator import sample_seed
+
+    again = flow.generate(pool_ecg, [sample_seed(0, subject, 1)], steps=1).cine[0, 0].numpy()
+    np.testing.assert_array_equal(cine_to_uint8(again), generated[0, 1])    # sample k of that ECG, as infer_flow
+    # nearest: real pretraining cines only (never a labelled subject's)
+    assert seen["real"] == set(range(6))
+    # template: the decoded template, whatever the ECG
+    from ecgflowcmr.downstream.sources import build_source
+
+    template = build_source("template", load_config(TINY_YAML), None, None, None, out, flow)
+    np.testing.assert_array_equal(template.cine(3, 0), cine_to_uint8(flow.template_video()[0, 0].numpy()))

@@ -12,7 +12,7 @@ def pooled_features(gen, ecg, batch: int = 16) -> torch.Tensor:
     memmap, read ``batch`` rows at a time) through the encoder of ``gen`` (an ``ECGToCine``)."""
     feats = []
     for i in range(0, len(ecg), batch):
-        rows = torch.from_numpy(np.asarray(ecg[i:i + batch], dtype=np.float32))
+        rows = torch.from_numpy(np.array(ecg[i:i + batch], dtype=np.float32))
         feats.append(F.normalize(gen.encode(rows).pooled.float().cpu(), dim=-1))
     return torch.cat(feats) if feats else torch.zeros(0, 0)
 
