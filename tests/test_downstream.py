@@ -128,6 +128,18 @@ def test_config_section_is_validated():
         load_config(None, ["downstream.image_size=32", "downstream.mask_ratio=0.9"])   # 4 patches: none visible
 
 
+
+def test_phantom_config_reads_the_bench_run():
+    bench = load_config(ROOT / "configs" / "phantom_bench.yaml").to_dict()
+    cfg = load_config(ROOT / "configs" / "downstream_phantom.yaml")
+    assert cfg.run_path == Path(bench["run_dir"])
+    for section in ("data", "ecg", "vae", "flow", "infer"):
+        assert cfg.to_dict()[section] == bench[section], section
+    ds = cfg.downstream
+    # 300 % of the 410 train cines = 1230 = 620 pool ECGs x 2 samples, less 10: no generated cine repeats
+    assert D.synthetic_count(410, max(ds.ratios)) <= ds.pool_n * ds.samples_per_ecg
+    assert load_config(ROOT / "configs" / "ukb.yaml").downstream.image_size == 96
+
 # ---------------------------------------------------------------------------------------------- model
 
 def test_tube_mask_hides_the_same_positions_in_every_frame():
