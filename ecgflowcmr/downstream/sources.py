@@ -93,22 +93,29 @@ def load_pool(cfg, out_dir: Path, exclude_ids: set[str], log=print) -> Pool:
         info = json.loads(info_path.read_text())
         ecg = np.load(folder / "ecg.npy", mmap_mode="r")
     else:
-        kept, skipped, arrays = [], [], []
+        from ..data.prepare import shrink_npy
+
+        # streamed into a memmap of the pool's size, then cut to the readable rows: a large pool
+        # never sits in memory
+        tmp = folder / "ecg.tmp.npy"
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(max(1, len(items)), 12, 5000))
+        kept, skipped = [], []
         for i, item in enumerate(tqdm(items, desc="reading the ECG-only pool", unit="ECG")):
             if item.subject in exclude_ids:
                 skipped.append((item.subject, item.source, "a labelled (scored) subject"))
                 continue
             try:
-                arrays.append(read_ecg(item.path, tolerance_s=cfg.data.ecg_length_tolerance_s))
+                array[len(kept)] = read_ecg(item.path, tolerance_s=cfg.data.ecg_length_tolerance_s)
                 kept.append(i)
             except (ValueError, OSError) as err:
                 skipped.append((item.subject, item.source, str(err).replace("\n", " ")))
+        _write_skipped(folder / "skipped.csv", skipped)
         if not kept:
             raise DownstreamDataError(f"no readable ECG in the pool '{spec}' ({len(skipped)} skipped: see "
                                       f"{folder / 'skipped.csv'})")
-        _write_skipped(folder / "skipped.csv", skipped)
-        tmp = folder / "ecg.tmp.npy"
-        np.save(tmp, np.stack(arrays).astype(np.float32))
+        array.flush()
+        del array
+        shrink_npy(tmp, len(kept))
         os.replace(tmp, folder / "ecg.npy")
         info = {"key": key, "kept": kept, "subjects": [items[i].subject for i in kept], "skipped": len(skipped)}
         info_path.write_text(json.dumps(info))
