@@ -178,6 +178,58 @@ class EvalConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """``downstream.py``: MAE pretraining on real + synthetic cines, CV fine-tuning on labelled subjects."""
+
+    # -- data: who is labelled, who pretrains, where the synthetic pool comes from
+    label_splits: list[str] = field(default_factory=lambda: ["val", "test"])  # labelled (scored) subjects
+    labelled_n: int = 0             # > 0: a seeded subset of that many labelled subjects (scarcity); 0: all
+    pretrain_splits: list[str] = field(default_factory=lambda: ["train"])  # real pretraining cines (minus
+                                    # every labelled subject)
+    class_column: str = "class"     # subjects.csv column of the class ("" : no classification tasks)
+    normal_class: str = "normal"    # the reference class of the "disease vs normal" cohorts
+    regression_columns: list[str] = field(
+        default_factory=lambda: ["lv_ed_area_mm2", "ef_area", "wall_thickness_mm", "rv_ed_area_mm2"])
+    pool: str = ""                  # ECG-only pool: a folder of ECG files or a manifest CSV (ecg_path
+                                    # [, oracle_cmr_path]); "" -> <phantom_dir>/ecg_only/manifest.csv
+    pool_n: int = 0                 # with pool "": ECG-only phantom subjects written there if missing
+    sources: list[str] = field(default_factory=lambda: ["generator", "nearest", "template", "oracle"])
+    ratios: list[int] = field(default_factory=lambda: [0, 100, 200, 300])  # synthetic count, % of the real
+                                    # pretraining count; 0 = MAE on real cines only
+    scratch: bool = True            # also the ViT trained from scratch (no pretraining)
+    samples_per_ecg: int = 1        # K generated cines per pool ECG (generator source)
+    flow_checkpoint: str = ""       # "" -> <run_dir>/flow/best.pt (generator, nearest, template sources)
+    # -- the video ViT (input is resampled to frames x image_size^2 before the tubelets)
+    frames: int = 50
+    image_size: int = 96
+    tubelet: int = 2                # frames per tubelet
+    patch: int = 16                 # pixels per tubelet side
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    decoder_width: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    mask_ratio: float = 0.9         # tube masking: this fraction of spatial patches hidden in every frame
+    # -- pretraining (one run per source x ratio; steps equal for every row)
+    pretrain_steps: int = 2000
+    pretrain_batch: int = 16
+    pretrain_lr: float = 1.5e-4
+    pretrain_warmup: int = 100
+    weight_decay: float = 0.05
+    ckpt_every: int = 200           # steps between resumable checkpoints of a pretraining run
+    # -- fine-tuning (k-fold CV; one model per fold fits the class and every phenotype together)
+    folds: int = 5
+    finetune_epochs: int = 30
+    finetune_batch: int = 8
+    finetune_lr: float = 5e-4
+    regression_weight: float = 1.0  # loss = CE(class) + weight * MSE(standardised phenotypes)
+    seed: int = 0
+    out_dir: str = ""               # "" -> <run_dir>/downstream
+
+
+@dataclass
 class Config:
     name: str = "demo"
     run_dir: str = ""               # "" -> runs/<name>
@@ -189,6 +241,7 @@ class Config:
     flow: FlowConfig = field(default_factory=FlowConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
     # -- derived paths (one place decides where things live) ---------------------------------
     @property
@@ -414,3 +467,44 @@ def _validate(cfg: Config) -> None:
     _require(ev.fid_variant in ("standard", "paper"), "eval.fid_variant", "must be standard or paper")
     _require(ev.fvd_variant in ("standard", "paper"), "eval.fvd_variant", "must be standard or paper")
     _require(ev.bootstrap >= 0, "eval.bootstrap", "must be >= 0")
+    _validate_downstream(cfg.downstream)
+
+
+DOWNSTREAM_SOURCES = ("generator", "nearest", "template", "oracle")
+
+
+def _validate_downstream(ds: "DownstreamConfig") -> None:
+    key = "downstream."
+    for name in ("label_splits", "pretrain_splits"):
+        splits = getattr(ds, name)
+        _require(len(splits) >= 1 and all(s in ("train", "val", "test") for s in splits), key + name,
+                 f"must list train, val and/or test, got {splits}")
+    _require(ds.labelled_n >= 0, key + "labelled_n", "must be >= 0 (0: every labelled subject)")
+    _require(bool(ds.class_column) or bool(ds.regression_columns), key + "class_column",
+             "no task: give a class column and/or regression_columns")
+    _require(all(s in DOWNSTREAM_SOURCES for s in ds.sources) and len(set(ds.sources)) == len(ds.sources),
+             key + "sources", f"must be distinct names among {DOWNSTREAM_SOURCES}, got {ds.sources}")
+    _require(all(r >= 0 for r in ds.ratios) and len(set(ds.ratios)) == len(ds.ratios), key + "ratios",
+             f"must be distinct percentages >= 0, got {ds.ratios}")
+    _require(ds.pool_n >= 0, key + "pool_n", "must be >= 0")
+    _require(ds.samples_per_ecg >= 1, key + "samples_per_ecg", "must be >= 1")
+    _require(ds.frames >= 1 and ds.frames % ds.tubelet == 0, key + "frames",
+             f"must be a positive multiple of downstream.tubelet={ds.tubelet}")
+    _require(ds.tubelet >= 1, key + "tubelet", "must be >= 1")
+    _require(ds.patch >= 1 and ds.image_size % ds.patch == 0, key + "image_size",
+             f"must be a multiple of downstream.patch={ds.patch}")
+    _require(ds.image_size <= 96, key + "image_size", "cines are 96 x 96: must be <= 96")
+    _require(ds.width % ds.heads == 0, key + "width", f"must be divisible by downstream.heads={ds.heads}")
+    _require(ds.decoder_width % ds.decoder_heads == 0, key + "decoder_width",
+             f"must be divisible by downstream.decoder_heads={ds.decoder_heads}")
+    _require(ds.depth >= 1 and ds.decoder_depth >= 1, key + "depth", "depth and decoder_depth must be >= 1")
+    _require(ds.mlp_ratio > 0, key + "mlp_ratio", "must be > 0")
+    n_spatial = (ds.image_size // ds.patch) ** 2 if ds.patch >= 1 else 0
+    _require(0 < ds.mask_ratio < 1 and round(n_spatial * (1 - ds.mask_ratio)) >= 1, key + "mask_ratio",
+             f"must be in (0, 1) and leave at least one of the {n_spatial} spatial patches visible")
+    for name in ("pretrain_steps", "pretrain_batch", "finetune_epochs", "finetune_batch", "ckpt_every"):
+        _require(getattr(ds, name) >= 1, key + name, "must be >= 1")
+    _require(ds.pretrain_warmup >= 0, key + "pretrain_warmup", "must be >= 0")
+    _require(ds.pretrain_lr > 0 and ds.finetune_lr > 0, key + "pretrain_lr", "learning rates must be > 0")
+    _require(ds.weight_decay >= 0 and ds.regression_weight >= 0, key + "weight_decay", "must be >= 0")
+    _require(ds.folds >= 2, key + "folds", "must be >= 2")

@@ -243,3 +243,23 @@ def test_figure(phantom, tmp_path):
     png = tmp_path / "fig.png"
     assert phantom_figure.main(["--subject", str(out / m.cmr_path[0]), "--out", str(png)]) == 0
     assert png.stat().st_size > 20_000
+
+
+def test_ecg_only_pool_leaves_the_paired_subjects_unchanged(phantom, tmp_path):
+    out, m = phantom
+    other = tmp_path / "with_pool"
+    assert ph.main(["--out", str(other), "--n", "2", "--seed", str(SEED), "--ecg-only", "3", "--quiet"]) == 0
+    for sid in m.subject_id[:2]:
+        for sub in ("ecg", "cmr", "masks", "truth"):
+            name = f"{sid}.xml" if sub == "ecg" else f"{sid}.json" if sub == "truth" else f"{sid}.nii.gz"
+            assert (out / sub / name).read_bytes() == (other / sub / name).read_bytes(), (sub, sid)
+    paired = pd.read_csv(other / "manifest.csv", dtype={"subject_id": str})
+    pd.testing.assert_frame_equal(paired, m.iloc[:2].reset_index(drop=True))
+    pool = pd.read_csv(other / ph.POOL_DIR / "manifest.csv", dtype={"subject_id": str})
+    assert list(pool.subject_id) == ["PH100000", "PH100001", "PH100002"]
+    assert "cmr_path" not in pool.columns and "oracle_cmr_path" in pool.columns   # never read as pairs
+    truth = json.loads((other / ph.POOL_DIR / "truth" / "PH100001.json").read_text())
+    assert truth["params"]["index"] == ph.POOL_START + 1
+    # the oracle cine is the phantom's true cine of that ECG-only subject
+    cine = _load(other / ph.POOL_DIR / pool.oracle_cmr_path[1])[1][:, :, 0, :]
+    np.testing.assert_array_equal(cine, np.moveaxis(ph.simulate(SEED, ph.POOL_START + 1)["cine"], 0, -1))

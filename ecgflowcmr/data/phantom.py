@@ -10,6 +10,9 @@
     DIR/masks/<id>.nii.gz  per-frame labels, same layout, uint8: 0 bg, 1 LV, 2 RV, 3 LA, 4 RA, 5 myocardium
     DIR/truth/<id>.json    everything known about the subject (parameters, delineation, curves)
     DIR/manifest.csv       one row per subject: paths (relative to DIR) and ground truth
+    DIR/ecg_only/...       with ``--ecg-only M``: M more subjects (ids from PH100000) in the same layout,
+                           whose manifest names the cine ``oracle_cmr_path``: an ECG-only pool with
+                           the true cines kept aside (the oracle of synthetic pretraining)
 
 How a subject is made (all randomness from ``SeedSequence([seed, index, 1])``, so a subject depends
 on (seed, index) only, whatever the number of workers):
@@ -1017,19 +1020,26 @@ def _work(args) -> int:
 
 
 MANIFEST_PATH_COLUMNS = ("subject_id", "ecg_path", "cmr_path", "mask_path")
+# ECG-only subjects take indices from here on: a subject depends on (seed, index) only, so the paired
+# subjects 0..n-1 are the same with or without a pool, and no pool size ever collides with them.
+POOL_START = 100_000
+POOL_DIR = "ecg_only"
 
 
-def write_manifest(out_dir: str | Path, n: int) -> Path:
-    """manifest.csv from truth/<id>.json of subjects 0..n-1 (paths relative to ``out_dir``)."""
+def write_manifest(out_dir: str | Path, n: int, indices=None, ecg_only: bool = False) -> Path:
+    """manifest.csv from truth/<id>.json of subjects 0..n-1 (or ``indices``), paths relative to
+    ``out_dir``. ``ecg_only``: the cine and mask columns are named ``oracle_cmr_path`` /
+    ``oracle_mask_path``, so that no reader of paired manifests takes these subjects as pairs."""
     import csv
 
     out = Path(out_dir)
+    cine_key, mask_key = ("oracle_cmr_path", "oracle_mask_path") if ecg_only else ("cmr_path", "mask_path")
     rows = []
-    for index in range(n):
+    for index in (range(n) if indices is None else indices):
         sid = subject_id(index)
         truth = json.loads((out / "truth" / f"{sid}.json").read_text())["manifest"]
-        row = {"subject_id": sid, "ecg_path": f"ecg/{sid}.xml", "cmr_path": f"cmr/{sid}.nii.gz",
-               "mask_path": f"masks/{sid}.nii.gz"}
+        row = {"subject_id": sid, "ecg_path": f"ecg/{sid}.xml", cine_key: f"cmr/{sid}.nii.gz",
+               mask_key: f"masks/{sid}.nii.gz"}
         for key, value in truth.items():
             if key == "subject_id":
                 continue
@@ -1045,6 +1055,37 @@ def write_manifest(out_dir: str | Path, n: int) -> Path:
     return path
 
 
+def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, progress: bool) -> None:
+    """Write the subjects ``indices`` not yet done under ``out`` (resumable, any number of workers)."""
+    for sub in ("ecg", "cmr", "masks", "truth"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    todo = [i for i in indices if not _is_done(out, seed, i)]
+    if not todo:
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"phantom -> {out}", unit="subject", disable=not progress)
+    jobs = [(str(out), seed, i) for i in todo]
+    workers = max(1, min(int(workers), len(todo)))
+    if workers == 1:
+        for job in jobs:
+            _work(job)
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+
+        import nibabel  # noqa: F401  (imported once here, shared by forked workers)
+        import scipy.ndimage  # noqa: F401
+        import scipy.signal  # noqa: F401
+        import scipy.special  # noqa: F401
+
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers, initializer=_worker_init) as pool:
+            for _ in pool.imap_unordered(_work, jobs, chunksize=2):
+                bar.update(1)
+    bar.close()
+
+
 def generate(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
     """Write ``n`` phantom subjects under ``out_dir`` and return the manifest path.
 
@@ -1054,33 +1095,23 @@ def generate(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progr
     if n < 1:
         raise ValueError(f"phantom: n must be >= 1, got {n}")
     out = Path(out_dir)
-    for sub in ("ecg", "cmr", "masks", "truth"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(n) if not _is_done(out, seed, i)]
-    if todo:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc=f"phantom -> {out}", unit="subject", disable=not progress)
-        jobs = [(str(out), seed, i) for i in todo]
-        workers = max(1, min(int(workers), len(todo)))
-        if workers == 1:
-            for job in jobs:
-                _work(job)
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-
-            import nibabel  # noqa: F401  (imported once here, shared by forked workers)
-            import scipy.ndimage  # noqa: F401
-            import scipy.signal  # noqa: F401
-            import scipy.special  # noqa: F401
-
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            with ctx.Pool(workers, initializer=_worker_init) as pool:
-                for _ in pool.imap_unordered(_work, jobs, chunksize=2):
-                    bar.update(1)
-        bar.close()
+    _generate_indices(out, seed, list(range(n)), workers, progress)
     return write_manifest(out, n)
+
+
+def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
+    """Write ``n`` ECG-only subjects (indices ``POOL_START``..) under ``out_dir/ecg_only`` and return
+    their manifest: ``subject_id, ecg_path, oracle_cmr_path, oracle_mask_path`` + ground truth.
+
+    Their cines are the oracle of synthetic pretraining (what a perfect generator would give), kept
+    apart from the paired subjects: ``prepare_data.py`` never sees them.
+    """
+    if n < 1:
+        raise ValueError(f"phantom: the ECG-only pool needs n >= 1, got {n}")
+    out = Path(out_dir) / POOL_DIR
+    indices = list(range(POOL_START, POOL_START + n))
+    _generate_indices(out, seed, indices, workers, progress)
+    return write_manifest(out, n, indices=indices, ecg_only=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1091,11 +1122,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, required=True, help="number of subjects")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--ecg-only", type=int, default=0, metavar="M",
+                        help=f"also write M ECG-only subjects under OUT/{POOL_DIR}/ (their cines for the oracle "
+                             "only); the paired subjects do not change")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     manifest = generate(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet)
     print(f"wrote {manifest} ({args.n} subjects) in {time.perf_counter() - start:.1f} s")
+    if args.ecg_only > 0:
+        pool = generate_ecg_only(args.out, args.ecg_only, seed=args.seed, workers=args.workers,
+                                 progress=not args.quiet)
+        print(f"wrote {pool} ({args.ecg_only} ECG-only subjects)")
     return 0
 
 

@@ -1,0 +1,154 @@
+"""``downstream.py``: the whole experiment, resumable row by row.
+
+Rows: ``scratch`` (no pretraining), ``real`` (MAE on the real pretraining cines; ratio 0), and
+``<source>_<ratio>`` for every source and ratio > 0 (MAE on the real cines plus
+``round(n_real * ratio / 100)`` synthetic ones drawn by ``data.draw_pool``). Writes under
+``downstream.out_dir`` (default ``runs/<exp>/downstream/``)::
+
+    pool/                 the pool's ECGs, the synthetic caches, nearest-neighbour choices
+    pretrain/<row>/       last.pt while training, encoder.pt when done (then skipped)
+    finetune/<row>.json   per-fold scores, written fold by fold (done folds are skipped)
+    downstream.{md,json}  the table; downstream.png the plots; subjects.json who was used where
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, save_config
+from ..data.datasets import Prepared
+from ..utils.device import select_device
+from ..utils.run import require_file
+from . import data as D
+from .finetune import Labelled, finetune_row, summarise
+from .pretrain import ARCH_KEYS, PretrainSet, batch_tensor, pretrain
+from .report import plot, write_table
+from .sources import build_source, load_pool
+
+FLOW_SOURCES = ("generator", "nearest", "template")
+
+
+def out_dir_of(cfg: Config) -> Path:
+    return Path(cfg.downstream.out_dir) if cfg.downstream.out_dir else cfg.stage_dir("downstream")
+
+
+def plan_rows(ds) -> list[tuple[str, str | None, int | None]]:
+    """``[(row, source, ratio)]`` in table order."""
+    rows = [("scratch", None, None)] if ds.scratch else []
+    if 0 in ds.ratios:
+        rows.append(("real", "real", 0))
+    rows += [(f"{s}_{r}", s, r) for s in ds.sources for r in sorted(ds.ratios) if r > 0]
+    return rows
+
+
+def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
+    """Run (or resume) every row, then write the table and plots; returns the table's dict."""
+    ds = cfg.downstream
+    out = out_dir_of(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    device = select_device(cfg.device)
+    require_file(Path(cfg.data_root) / "meta.json", "prepare_data.py")
+    prepared = Prepared(cfg.data_root)
+    subjects = D.select_subjects(prepared.subjects, ds)
+    rows = plan_rows(ds)
+    if only:
+        unknown = sorted(set(only) - {r for r, _, _ in rows})
+        if unknown:
+            raise ValueError(f"--only: unknown rows {unknown} (rows of this config: {[r for r, _, _ in rows]})")
+        rows = [r for r in rows if r[0] in only]
+    lab = labelled_set(prepared, subjects, ds)
+    n_real = len(subjects.pretrain)
+    (out / "subjects.json").write_text(json.dumps({
+        "labelled": subjects.labelled_ids,
+        "pretrain_real": prepared.subject_ids(subjects.pretrain)}, indent=0))
+    log(f"downstream: {len(subjects.labelled)} labelled subjects ({ds.folds} folds), "
+        f"{n_real} real pretraining cines, rows {[r for r, _, _ in rows]}")
+
+    synthetic_rows = [r for r in rows if r[2]]
+    pool = flow = None
+    draws: dict[str, np.ndarray] = {}
+    sources: dict = {}
+    if synthetic_rows:
+        pool = load_pool(cfg, out, set(subjects.labelled_ids), log)
+        needed = {s for _, s, _ in synthetic_rows}
+        if needed & set(FLOW_SOURCES):
+            from ..flow.generator import ECGToCine
+
+            ckpt = Path(ds.flow_checkpoint or cfg.stage_dir("flow") / "best.pt")
+            require_file(ckpt, "train_flow.py (stage 3)")
+            flow = ECGToCine.from_checkpoint(ckpt, device, amp=cfg.flow.amp)
+        most = D.synthetic_count(n_real, max(r for _, _, r in synthetic_rows))
+        for name in sorted(needed):
+            source = build_source(name, cfg, pool, prepared, subjects.pretrain, out, flow)
+            draws[name] = D.draw_pool(most, len(pool.subject_ids), source.per_ecg, ds.seed)
+            source.fill(draws[name])
+            sources[name] = source
+        log(f"downstream: pool of {len(pool.subject_ids)} ECGs ({pool.spec}); up to {most} synthetic cines per row")
+
+    key_common = {"arch": {k: getattr(ds, k) for k in ARCH_KEYS}, "labelled": subjects.labelled_ids,
+                  "folds": ds.folds, "epochs": ds.finetune_epochs, "batch": ds.finetune_batch,
+                  "lr": ds.finetune_lr, "wd": ds.weight_decay, "rw": ds.regression_weight, "seed": ds.seed,
+                  "class": ds.class_column, "regression": list(ds.regression_columns)}
+    table_rows: dict = {}
+    for row, source, ratio in rows:
+        counts = {"real": 0, "synthetic": 0}
+        encoder = None
+        if source is not None:
+            mix = []
+            if ratio:
+                count = D.synthetic_count(n_real, ratio)
+                mix = [(sources[source], draws[source][:count])]
+            data = PretrainSet(prepared, subjects.pretrain, mix)
+            counts = data.counts()
+            counts["synthetic"] = len(data) - len(subjects.pretrain)
+            encoder = pretrain(data, ds, out / "pretrain" / row, device, log)
+        key = dict(key_common, encoder=_encoder_id(encoder))
+        record = finetune_row(row, encoder, lab, ds, _finetune_path(out, row), device, key, log)
+        table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
+    result = {"rows": _merge_existing(out, table_rows, only),
+              "setup": {"labelled subjects": len(subjects.labelled), "folds": ds.folds,
+                        "real pretraining cines": n_real, "pool ECGs": len(pool.subject_ids) if pool else 0,
+                        "samples per ECG (generator)": ds.samples_per_ecg,
+                        "pretraining steps x batch": f"{ds.pretrain_steps} x {ds.pretrain_batch}",
+                        "mask ratio": ds.mask_ratio, "fine-tuning epochs": ds.finetune_epochs,
+                        "std": "sample std over folds (ddof 1)"}}
+    md, js = write_table(result, out)
+    figure = plot(result, out)
+    log(f"downstream: wrote {md}, {js}" + (f", {figure}" if figure else " (matplotlib missing: no plot)"))
+    return result
+
+
+def labelled_set(prepared: Prepared, subjects: D.Subjects, ds) -> Labelled:
+    """The labelled cines at the ViT's input size, their labels, folds and cohorts."""
+    classes, phenotypes = D.labels_of(prepared.subjects, subjects.labelled, ds)
+    cines = torch.cat([batch_tensor([np.asarray(prepared.cine[i]) for i in subjects.labelled[j:j + 16]], ds)
+                       for j in range(0, len(subjects.labelled), 16)])
+    class_names = sorted(set(classes)) if classes is not None else []
+    cohorts = D.balanced_cohorts(classes, ds.normal_class, ds.seed) if classes is not None else {}
+    fold = D.stratified_folds(classes, len(subjects.labelled), ds.folds, ds.seed)
+    return Labelled(cines, classes, class_names, phenotypes, list(ds.regression_columns), fold, cohorts)
+
+
+def _encoder_id(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
+
+
+def _finetune_path(out: Path, row: str) -> Path:
+    (out / "finetune").mkdir(parents=True, exist_ok=True)
+    return out / "finetune" / f"{row}.json"
+
+
+def _merge_existing(out: Path, rows: dict, only: list[str] | None) -> dict:
+    """With ``--only``, keep the other rows of an existing table."""
+    path = out / "downstream.json"
+    if not only or not path.is_file():
+        return rows
+    merged = json.loads(path.read_text()).get("rows", {})
+    merged.update(rows)
+    return merged
