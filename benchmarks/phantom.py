@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ecgflowcmr.config import load_config  # noqa: E402
 from ecgflowcmr.data.datasets import Prepared, cine_from_uint8  # noqa: E402
 from ecgflowcmr.flow.generator import ECGToCine, sample_seed  # noqa: E402
+from ecgflowcmr.flow.retrieval import nearest_rows, pooled_features  # noqa: E402
 from ecgflowcmr.metrics import functional  # noqa: E402
 from ecgflowcmr.metrics.io import CineSet  # noqa: E402
 from ecgflowcmr.metrics.pipeline import evaluate  # noqa: E402
@@ -229,17 +230,10 @@ def generate_split(gen: ECGToCine, ecg: np.ndarray, ids: list[str], sampler: str
 
 def nearest_neighbour(gen: ECGToCine, prepared: Prepared, test_idx: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
     """The training cine whose ECG is nearest in the stage-1 pooled feature space (cosine)."""
-    def pooled(indices):
-        feats = []
-        for i in range(0, len(indices), batch):
-            ecg = torch.from_numpy(np.asarray(prepared.ecg[indices[i:i + batch]], dtype=np.float32))
-            feats.append(torch.nn.functional.normalize(gen.encode(ecg).pooled.float().cpu(), dim=-1))
-        return torch.cat(feats)
-
     train_idx = prepared.split_indices("train")
-    train_feats = pooled(train_idx)
+    train_feats = pooled_features(gen, prepared.ecg[train_idx], batch)
     t0 = time.perf_counter()
-    nearest = (pooled(test_idx) @ train_feats.T).argmax(dim=1).numpy()
+    nearest = nearest_rows(pooled_features(gen, prepared.ecg[test_idx], batch), train_feats)
     cines = cine_from_uint8(np.asarray(prepared.cine[train_idx[nearest]]))[:, None]
     return cines, (time.perf_counter() - t0) / max(1, len(test_idx))
 
@@ -256,11 +250,8 @@ def vae_reconstruction(gen: ECGToCine, prepared: Prepared, test_idx: np.ndarray,
 
 
 def template_only(gen: ECGToCine, n: int) -> np.ndarray:
-    template = gen.template["template"].float()                      # (C, 1, h, w)
-    latent = template.expand(-1, gen.latent_shape[1], -1, -1)[None]  # (1, C, 50, h, w)
-    with torch.no_grad():
-        cine = gen.vae.decode(latent.to(gen.device)).float().clamp(-1, 1).cpu().numpy()
-    return np.repeat(cine, n, axis=0)
+    """The decoded template, the same static frame 50 times, for ``n`` subjects."""
+    return np.repeat(gen.template_video().float().cpu().numpy(), n, axis=0)
 
 
 def faithfulness(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, seed: int, batch: int, steps: int) -> dict:
