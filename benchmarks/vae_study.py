@@ -99,7 +99,7 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    device = torch.device("cpu")
+    device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     out = cfg.run_path / "bench"
     done = json.loads((out / "vae_study.json").read_text())["rows"] if (out / "vae_study.json").exists() else {}
     scorer = None
