@@ -116,6 +116,11 @@ def run_stage(script: str, cfg_path: str, overrides: list[str], log: Path | None
         raise RuntimeError(f"{script} failed (exit {done.returncode}); last lines of {log}:\n{tail}")
 
 
+def variant_dir(base: Path, name: str) -> Path:
+    """Run folder of a training variant: the base run for ``full``, else ``<base>/ablations/<name>``."""
+    return base if name == "full" else base / "ablations" / name
+
+
 def link(src: Path, dst: Path) -> None:
     if dst.is_symlink() or dst.exists():
         return
@@ -142,7 +147,7 @@ def train_variants(cfg_path: str, cfg, names: list[str], extra: list[str], jobs:
 
     def one(name: str) -> Path:
         overrides, retrain_ecg = TRAINED[name]
-        run_dir = base if name == "full" else base / "ablations" / name
+        run_dir = variant_dir(base, name)
         if name != "full":
             for shared in ["vae", "latents"] + ([] if retrain_ecg else ["ecg"]):
                 link(base / shared, run_dir / shared)
@@ -353,13 +358,12 @@ def main() -> None:
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     trained = [w for w in TRAINED if w in wanted]
     if args.no_train:
-        base = cfg.run_path
-        ckpts = {n: (base if n == "full" else base / "ablations" / n) / "flow" / "best.pt" for n in trained}
+        ckpts = {n: variant_dir(cfg.run_path, n) / "flow" / "best.pt" for n in trained}
     else:
         ckpts = train_variants(args.config, cfg, [n for n in TRAINED if n in {*trained, "full"}], args.overrides,
                                args.jobs)
     for name in ("full", args.swap_model):
-        ckpts.setdefault(name, (cfg.run_path if name == "full" else cfg.run_path / "ablations" / name) / "flow" / "best.pt")
+        ckpts.setdefault(name, variant_dir(cfg.run_path, name) / "flow" / "best.pt")
     out = cfg.run_path / "bench"
     scorer = Scorer(cfg, out, device, fid_frames=args.fid_frames or None)
     ecg = np.asarray(scorer.prepared.ecg[scorer.test], dtype=np.float32)
