@@ -92,6 +92,8 @@ SAMPLED = {
     "heun_5": ("heun", 5, 1.0),      # 10 network evaluations, as euler_10
     "heun_10": ("heun", 10, 1.0),
     "guidance_2": ("euler", 10, 2.0),
+    "guidance_3": ("euler", 10, 3.0),
+    "euler_2_guidance_2": ("euler", 2, 2.0),   # the two best sampler levers together
 }
 BASELINES = ("nearest_neighbour", "template_only", "population_mean", "ecg_regressor")
 CEILINGS = ("vae_reconstruction",)
