@@ -316,7 +316,8 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
             rows = {**old.pop("rows", {}), **rows}
             extra = {**old, **extra, "checkpoints": {**old.get("checkpoints", {}), **extra.get("checkpoints", {})}}
     order = [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS]
-    rows = dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    rank = {name: i for i, name in enumerate(order)}    # "<row>@<model>" sorts after "<row>"
+    rows = dict(sorted(rows.items(), key=lambda kv: (rank.get(kv[0].partition("@")[0], len(order)), kv[0])))
     cols = ["psnr", "ssim", "lpips", "fid", "fvd", "es_frame_error_median", "es_frame_corr", "curve_corr",
             "ef_area_mae", "ef_area_corr", "seconds_per_video"]
     lines = [f"# Phantom benchmark ({cfg_path}, test split, n = {next(iter(rows.values()))['n_videos']})", "",
@@ -347,6 +348,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (default 1)")
     parser.add_argument("--swap-model", default="full", choices=list(TRAINED),
                         help="the trained variant the ECG-swap test uses (default full)")
+    parser.add_argument("--sample-model", default="full", choices=list(TRAINED),
+                        help="the trained variant the sampler rows and ecg_regressor use (default full); "
+                             "rows of another model are named <row>@<model>, e.g. euler_2@seed_1")
     parser.add_argument("--fid-frames", type=int, default=10,
                         help="frames per video entering FID (evenly spaced; 0 = all 50)")
     parser.add_argument("overrides", nargs="*")
@@ -364,7 +368,7 @@ def main() -> None:
     else:
         ckpts = train_variants(args.config, cfg, [n for n in TRAINED if n in {*trained, "full"}], args.overrides,
                                args.jobs)
-    for name in ("full", args.swap_model):
+    for name in ("full", args.swap_model, args.sample_model):
         ckpts.setdefault(name, variant_dir(cfg.run_path, name) / "flow" / "best.pt")
     out = cfg.run_path / "bench"
     scorer = Scorer(cfg, out, device, fid_frames=args.fid_frames or None)
@@ -391,15 +395,18 @@ def main() -> None:
         key = "faithfulness" + ("" if args.swap_model == "full" else f"_{args.swap_model}")
         extra[key] = faithfulness(model, scorer, ecg, seed, batch, inf.steps)
         print(key, extra[key], flush=True)
+    sampled = full if args.sample_model == "full" else ECGToCine.from_checkpoint(ckpts[args.sample_model], device)
+    suffix = "" if args.sample_model == "full" else f"@{args.sample_model}"
     for name, (sampler, steps, guidance) in SAMPLED.items():
         if name in wanted:
-            cines, spv = generate_split(full, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
-            record(name, scorer.score(cines, spv))
-    if "ecg_regressor" in wanted:            # the full model's ECG anchor head alone, decoded: the
+            cines, spv = generate_split(sampled, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
+            record(name + suffix, scorer.score(cines, spv))
+    if "ecg_regressor" in wanted:            # the model's ECG anchor head alone, decoded: the
         t0, out_cines = time.perf_counter(), []   # cross-modal autoencoder (needs flow.anchor=ecg)
         for i in range(0, len(ecg), batch):
-            out_cines.append(full.regress(torch.from_numpy(ecg[i:i + batch])).cine.numpy())
-        record("ecg_regressor", scorer.score(np.concatenate(out_cines), (time.perf_counter() - t0) / max(1, len(ecg))))
+            out_cines.append(sampled.regress(torch.from_numpy(ecg[i:i + batch])).cine.numpy())
+        record("ecg_regressor" + suffix,
+               scorer.score(np.concatenate(out_cines), (time.perf_counter() - t0) / max(1, len(ecg))))
     if "nearest_neighbour" in wanted:
         record("nearest_neighbour", scorer.score(*nearest_neighbour(full, scorer.prepared, scorer.test, batch)))
     if "template_only" in wanted:

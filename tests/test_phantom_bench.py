@@ -76,16 +76,17 @@ def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
         assert cfg.seed != base.seed and vars(cfg.flow) == vars(base.flow)
     assert {(s, k) for s, k, _ in bench.SAMPLED.values()} >= {("euler", 1), ("euler", 2), ("euler", 4),
                                                                ("euler", 10), ("heun", 5)}
-    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0}
+    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0, 3.0}
 
 
 def test_rescoring_some_variants_keeps_the_other_rows(bench, tmp_path):
     bench.write_table({"full": {"psnr": 1.0, "n_videos": 2}, "euler_1": {"psnr": 2.0, "n_videos": 2}},
                       {"config": "c.yaml", "checkpoints": {"full": "a.pt"}}, tmp_path, "c.yaml")
-    text = bench.write_table({"vae_reconstruction": {"psnr": 3.0, "n_videos": 2}, "full": {"psnr": 1.5, "n_videos": 2}},
+    text = bench.write_table({"vae_reconstruction": {"psnr": 3.0, "n_videos": 2}, "full": {"psnr": 1.5, "n_videos": 2},
+                              "euler_1@seed_1": {"psnr": 2.5, "n_videos": 2}},
                              {"config": "c.yaml", "checkpoints": {}}, tmp_path, "c.yaml")
     names = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")][1:]
-    assert names == ["full", "euler_1", "vae_reconstruction"]
+    assert names == ["full", "euler_1", "euler_1@seed_1", "vae_reconstruction"]   # another model's row after its own
     saved = json.loads((tmp_path / "phantom_bench.json").read_text())
     assert saved["rows"]["full"]["psnr"] == 1.5 and saved["checkpoints"] == {"full": "a.pt"}
     # another config's table is replaced, not merged
