@@ -602,44 +602,59 @@ def _ellipse(u, v, cu, cv, a, b):
     return q <= 1.0
 
 
-def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Cine intensities ``(T, H, W)`` int16 and labels ``(T, H, W)`` uint8 from the geometry."""
-    from scipy.ndimage import gaussian_filter
+GAP_MM, IAS_MM, ATRIAL_WALL_MM = 3.0, 3.0, 2.0   # AV-plane gap, interatrial septum, atrial wall
 
-    H, W = IMAGE_SHAPE
-    T = len(geo["b"])
+
+def image_plane(p: dict, shape=IMAGE_SHAPE):
+    """Pixel centres (mm) of the image in the phantom's plane: x ``(1, W)`` along columns, y ``(H, 1)``
+    along rows, origin at the image centre."""
+    H, W = shape
     px = p["pixel_mm"]
-    tex = np.random.default_rng(p["texture_seed"])
     y = ((np.arange(H) - (H - 1) / 2) * px).astype(np.float32)[:, None]
     x = ((np.arange(W) - (W - 1) / 2) * px).astype(np.float32)[None, :]
+    return x, y
+
+
+def heart_frame(p: dict, x, y):
+    """Long-axis unit vectors ``eu``, ``ev`` (in x, y), and the heart coordinates U, V (mm) of every
+    pixel ``(H, W)`` (u: base -> apex from the crux, v: towards the LV lateral wall)."""
     th = math.radians(p["theta_deg"])
     eu = np.array([math.cos(th), math.sin(th)])               # long axis (x, y) in the image
     ev = np.array([-eu[1], eu[0]])                            # towards the LV lateral wall
     # the crux sits so that the heart (~ u in [-60, 100], v in [-45, 60]) is near the FOV centre
     centre = np.array([p["offset_x_mm"], p["offset_y_mm"]]) - 20 * eu - 8 * ev
     xr, yr = x - centre[0], y - centre[1]
-    U = (xr * eu[0] + yr * eu[1]).astype(np.float32)           # (H, W)
+    U = (xr * eu[0] + yr * eu[1]).astype(np.float32)
     V = (xr * ev[0] + yr * ev[1]).astype(np.float32)
-    rw = p["rv_wall_mm"]
-    gap, ias, wall = 3.0, 3.0, 2.0
-    fat_max = 2.0 * p["fat_mm"]
+    return eu, ev, U, V
 
-    # ---- the heart's bounding box in pixels (over all frames, with margins): work only there
+
+def heart_box(p: dict, geo: dict, U: np.ndarray, V: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns of the pixels that can hold the heart in any frame (with margins): the
+    per-frame work is done only there."""
+    fat_max = 2.0 * p["fat_mm"]
+    rw = p["rv_wall_mm"]
     a_max = max(float(geo["la_a"].max()), float(geo["ra_a"].max()))
-    u_lo = -(2 * a_max + gap + wall + 4)
+    u_lo = -(2 * a_max + GAP_MM + ATRIAL_WALL_MM + 4)
     u_hi = p["lv_length_mm"] * p["heart_scale"] + p["apex_mm"] + fat_max + 4
     v_lo = min(float((geo["c_rv"] - geo["b_rv"]).min()) - rw - fat_max,
-               geo["v_ias"] - ias / 2 - 1.85 * float(geo["ra_b"].max()) - wall) - 4
+               geo["v_ias"] - IAS_MM / 2 - 1.85 * float(geo["ra_b"].max()) - ATRIAL_WALL_MM) - 4
     v_hi = max(float((geo["c_epi"] + geo["b_epi"]).max()) + fat_max,
-               geo["v_ias"] + ias / 2 + 1.85 * float(geo["la_b"].max()) + wall) + 4
-    corners = np.array([[uu, vv] for uu in (u_lo, u_hi) for vv in (v_lo, v_hi)])
-    cx_ = (centre[0] + corners[:, 0] * eu[0] + corners[:, 1] * ev[0]) / px + (W - 1) / 2
-    cy_ = (centre[1] + corners[:, 0] * eu[1] + corners[:, 1] * ev[1]) / px + (H - 1) / 2
-    r0, r1 = max(int(np.floor(cy_.min())), 0), min(int(np.ceil(cy_.max())) + 1, H)
-    c0, c1 = max(int(np.floor(cx_.min())), 0), min(int(np.ceil(cx_.max())) + 1, W)
-    u, v = U[None, r0:r1, c0:c1], V[None, r0:r1, c0:c1]
-    g = {k: _col(val) if np.ndim(val) else val for k, val in geo.items()}
+               geo["v_ias"] + IAS_MM / 2 + 1.85 * float(geo["la_b"].max()) + ATRIAL_WALL_MM) + 4
+    inside = (U >= u_lo) & (U <= u_hi) & (V >= v_lo) & (V <= v_hi)
+    rows, cols = np.nonzero(inside.any(axis=1))[0], np.nonzero(inside.any(axis=0))[0]
+    H, W = inside.shape
+    return (slice(max(int(rows.min()) - 1, 0), min(int(rows.max()) + 2, H)),
+            slice(max(int(cols.min()) - 1, 0), min(int(cols.max()) + 2, W)))
 
+
+def heart_labels(p: dict, g: dict, u: np.ndarray, v: np.ndarray, joined_atria: bool = False) -> dict:
+    """Labels ``(T, h, w)`` uint8 (``MASK_LABELS``) and the masks the image needs, from the per-frame
+    geometry ``g`` (columns ``(T, 1, 1)``) at heart coordinates ``u``, ``v`` ``(1, h, w)``.
+
+    ``joined_atria``: the atria are ellipses cut at the AV plane, wide open onto their ventricle;
+    otherwise whole ellipses a small gap above it."""
+    rw = p["rv_wall_mm"]
     lv_cav = _trunc_ellipse(u, v, g["base"], g["L"], g["b"], g["c_lv"])
     lv_epi = _trunc_ellipse(u, v, g["base"], g["L_epi"], g["b_epi"], g["c_epi"])
     rv_cav = _trunc_ellipse(u, v, g["base_rv"], g["L_rv"], g["b_rv"], g["c_rv"])
@@ -647,9 +662,11 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     rv_epi = _trunc_ellipse(u, v, g["base_rv"], g["L_rv"] + rw, g["b_rv"] + rw, g["c_rv"])
     rv_epi &= ~lv_epi
     v_ias = g["v_ias"]
+    gap, ias, wall = (0.0 if joined_atria else GAP_MM), IAS_MM, ATRIAL_WALL_MM
 
     def atrium(top, a, b, side):
-        cu = top - gap - a
+        # joined: the ellipse's centre lies TRUNC * a above the AV plane, so the cut is wide
+        cu = top - gap - (TRUNC * a if joined_atria else a)
         cv = v_ias + side * (ias / 2 + 0.85 * b)
         inner = _ellipse(u, v, cu, cv, a, b)
         inner &= u <= top - gap
@@ -662,6 +679,9 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     ra, ra_wall = atrium(g["base_rv"], g["ra_a"], g["ra_b"], -1)
     la &= ~rv_epi
     ra &= ~lv_epi
+    if joined_atria:                       # the ventricles' walls end at the AV plane
+        la &= ~lv_cav
+        ra &= ~rv_cav
     heart = lv_epi | rv_epi
     walls = (la_wall | ra_wall) & ~heart
     heart |= walls
@@ -671,72 +691,91 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     lab[rv_cav] = 2
     lab[la] = 3
     lab[ra] = 4
+    return {"lab": lab, "heart": heart, "walls": walls, "lv_cav": lv_cav}
 
-    # ---- static surroundings (image frame), soft-edged
-    f_tissue = _wave_field(tex, 12, 12, 60)
-    f_fine = _wave_field(tex, 12, 5, 14)
-    f_fat = _wave_field(tex, 8, 20, 50)
-    f_blood = _wave_field(tex, 16, 8, 30)
 
-    def blend(img_, weight, value):
-        return img_ + weight * (value - img_)
+def _blend(img_, weight, value):
+    return img_ + weight * (value - img_)
 
-    def soft(q, edge):      # q: normalised radius (1 on the boundary) -> weight 1 inside, 0 outside
-        return np.clip((1.0 - q) / edge, 0.0, 1.0)
 
-    fine_xy = f_fine(x, y)
+def _soft(q, edge):      # q: normalised radius (1 on the boundary) -> weight 1 inside, 0 outside
+    return np.clip((1.0 - q) / edge, 0.0, 1.0)
+
+
+def texture_fields(tex: np.random.Generator) -> dict:
+    """The subject's smooth random fields (drawn in this order from ``tex``): tissue, fine, fat, blood."""
+    return {"tissue": _wave_field(tex, 12, 12, 60), "fine": _wave_field(tex, 12, 5, 14),
+            "fat": _wave_field(tex, 8, 20, 50), "blood": _wave_field(tex, 16, 8, 30)}
+
+
+def surroundings(p: dict, geo: dict, tex: np.random.Generator, fields: dict, x, y, U, V, ev) -> dict:
+    """Static image ``(H, W)`` float32 outside the heart: body with subcutaneous fat, lungs, liver,
+    descending aorta; and the weight maps of fat and lung ``(H, W)`` (1 inside)."""
+    fine_xy = fields["fine"](x, y)
     body_ax = tex.uniform(150, 185), tex.uniform(115, 135)
     body_c = tex.uniform(-15, 15, size=2)
     body_r = np.sqrt(((x - body_c[0]) / body_ax[0]) ** 2 + ((y - body_c[1]) / body_ax[1]) ** 2)
-    img0 = p["tissue_intensity"] * (1 + 0.12 * f_tissue(x, y) + 0.05 * fine_xy)
+    img0 = p["tissue_intensity"] * (1 + 0.12 * fields["tissue"](x, y) + 0.05 * fine_xy)
     fat_w = 14.0 / body_ax[1]
-    img0 = blend(img0, 1 - soft(body_r / (1 - fat_w), 0.03), p["fat_intensity"] * (1 + 0.06 * fine_xy))
-    img0 = img0 * soft(body_r, 0.015)
+    body_fat = 1 - _soft(body_r / (1 - fat_w), 0.03)
+    img0 = _blend(img0, body_fat, p["fat_intensity"] * (1 + 0.06 * fine_xy))
+    img0 = img0 * _soft(body_r, 0.015)
     lv_w = geo["b"][0] * 2 + p["lateral_mm"]
     lung_w = np.zeros_like(img0)
     for cu_, cv_, au, av in ((30 + tex.uniform(-10, 10), lv_w + 40 + tex.uniform(0, 15), 75, 38),
                              (-5 + tex.uniform(-10, 10), -(p["septum_mm"] + 2 * p["rv_halfwidth_mm"] + 42
                                                              + tex.uniform(0, 15)), 70, 36)):
         q = np.sqrt(((U - cu_) / au) ** 2 + ((V - cv_) / av) ** 2)
-        lung_w = np.maximum(lung_w, soft(q, 0.08))
-    lung_w *= soft(body_r / 0.93, 0.03)
-    img0 = blend(img0, lung_w, p["lung_intensity"] * (1 + 0.3 * fine_xy))
+        lung_w = np.maximum(lung_w, _soft(q, 0.08))
+    lung_w *= _soft(body_r / 0.93, 0.03)
+    img0 = _blend(img0, lung_w, p["lung_intensity"] * (1 + 0.3 * fine_xy))
     liver_c = -40 - 30 * ev[0] + tex.uniform(-10, 10), 75 + tex.uniform(-10, 10)
-    liver_w = soft(np.sqrt(((x - liver_c[0]) / 70) ** 2 + ((y - liver_c[1]) / 45) ** 2), 0.06) \
-        * soft(body_r / 0.93, 0.03) * (1 - lung_w)
-    img0 = blend(img0, liver_w, 1.15 * p["tissue_intensity"] * (1 + 0.05 * f_tissue(x, y)))
-    ao_u = -(2 * float(np.max(geo["la_a"])) + gap + 16 + tex.uniform(0, 6))
+    liver_w = _soft(np.sqrt(((x - liver_c[0]) / 70) ** 2 + ((y - liver_c[1]) / 45) ** 2), 0.06) \
+        * _soft(body_r / 0.93, 0.03) * (1 - lung_w)
+    img0 = _blend(img0, liver_w, 1.15 * p["tissue_intensity"] * (1 + 0.05 * fields["tissue"](x, y)))
+    ao_u = -(2 * float(np.max(geo["la_a"])) + GAP_MM + 16 + tex.uniform(0, 6))
     ao_v = geo["v_ias"] + 0.6 * float(np.max(geo["la_b"]))
     ao_r = tex.uniform(9, 13)
     ao_q = np.sqrt((U - ao_u) ** 2 + (V - ao_v) ** 2)
-    img0 = blend(img0, soft(ao_q / (ao_r + 2), 0.1), p["myo_intensity"])
-    img0 = blend(img0, soft(ao_q / ao_r, 0.1), 0.9 * p["blood_intensity"]).astype(np.float32)
+    img0 = _blend(img0, _soft(ao_q / (ao_r + 2), 0.1), p["myo_intensity"])
+    img0 = _blend(img0, _soft(ao_q / ao_r, 0.1), 0.9 * p["blood_intensity"]).astype(np.float32)
+    return {"img": img0, "body_fat": body_fat * _soft(body_r, 0.015), "lung": lung_w}
 
-    # ---- heart (moves with the frame): fat band of varying thickness, thicker in the AV groove
+
+def fat_band(p: dict, g: dict, u, v, heart: np.ndarray, f_fat) -> np.ndarray:
+    """Epicardial fat ``(T, h, w)`` bool: a band of varying thickness, thicker in the AV groove."""
+    rw = p["rv_wall_mm"]
     groove = np.exp(-((u + 2) / 14) ** 2)
     fat_local = p["fat_mm"] * np.clip(0.45 + 0.6 * f_fat(u, v) + 0.8 * groove, 0, 2.0)
-    fat_band = _trunc_ellipse(u, v, g["base"] - 4, g["L_epi"] + 4 + fat_local, g["b_epi"] + fat_local, g["c_epi"])
-    fat_band |= _trunc_ellipse(u, v, g["base_rv"] - 4, g["L_rv"] + rw + 4 + fat_local,
-                               g["b_rv"] + rw + fat_local, g["c_rv"])
-    fat_band &= ~heart
-    # compose by lookup: code per pixel -> value map per code (static maps in the heart frame)
-    code = lab.copy()                                   # 0 bg, 1 LV, 2 RV, 3 LA, 4 RA, 5 myo
-    code[fat_band] = 6
-    code[walls & (lab == 0)] = 7
-    fine_uv = f_fine(u, v)[0]
-    blood = p["blood_intensity"] * (1 + 0.03 * f_blood(u, v)[0])
-    maps = np.stack([img0[r0:r1, c0:c1], blood, 0.95 * blood, 0.97 * blood, 0.97 * blood,
+    band = _trunc_ellipse(u, v, g["base"] - 4, g["L_epi"] + 4 + fat_local, g["b_epi"] + fat_local, g["c_epi"])
+    band |= _trunc_ellipse(u, v, g["base_rv"] - 4, g["L_rv"] + rw + 4 + fat_local,
+                           g["b_rv"] + rw + fat_local, g["c_rv"])
+    band &= ~heart
+    return band
+
+
+def tissue_maps(p: dict, fields: dict, u, v, background: np.ndarray, blood_tex: float = 0.03) -> np.ndarray:
+    """Intensity of each tissue code at every pixel of the heart box ``(8, h, w)`` float32: 0 the
+    static background, 1 LV, 2 RV, 3 LA, 4 RA, 5 myocardium, 6 epicardial fat, 7 atrial wall.
+    ``blood_tex``: relative amplitude of the blood pools' smooth inhomogeneity."""
+    fine_uv = fields["fine"](u, v)[0]
+    blood = p["blood_intensity"] * (1 + blood_tex * fields["blood"](u, v)[0])
+    return np.stack([background, blood, 0.95 * blood, 0.97 * blood, 0.97 * blood,
                      p["myo_intensity"] * (1 + 0.06 * fine_uv), p["fat_intensity"] * (1 + 0.05 * fine_uv),
-                     np.full_like(blood, 1.1 * p["myo_intensity"])]).astype(np.float32)   # (8, h, w)
+                     np.full_like(blood, 1.1 * p["myo_intensity"])]).astype(np.float32)
+
+
+def lookup(code: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """Per-pixel intensity ``(T, h, w)`` from tissue codes ``(T, h, w)`` and maps ``(K, h, w)``."""
     hh, ww = code.shape[1:]
     flat = code.astype(np.intp) * (hh * ww) + np.arange(hh * ww).reshape(1, hh, ww)
-    img = np.empty((T, H, W), dtype=np.float32)
-    img[:] = img0
-    img[:, r0:r1, c0:c1] = maps.reshape(-1)[flat]
-    labels = np.zeros((T, H, W), dtype=np.uint8)
-    labels[:, r0:r1, c0:c1] = lab
+    return maps.reshape(-1)[flat]
 
-    # ---- acquisition: blur, coil shading, Rician noise
+
+def acquire(img: np.ndarray, p: dict, x, y) -> np.ndarray:
+    """Point-spread blur, coil shading and Rician noise on ``(T, H, W)`` float32 -> int16 (in place)."""
+    from scipy.ndimage import gaussian_filter
+
     img = gaussian_filter(img, sigma=(0, p["psf_sigma_px"], p["psf_sigma_px"]))
     ca = math.radians(p["coil_angle_deg"])
     cx, cy = 140 * math.cos(ca), 140 * math.sin(ca)
@@ -755,7 +794,38 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     np.sqrt(img, out=img)
     np.rint(img, out=img)
     np.clip(img, 0, 4095, out=img)
-    return img.astype(np.int16), labels
+    return img.astype(np.int16)
+
+
+def frame_columns(geo: dict) -> dict:
+    """The geometry with per-frame arrays as ``(T, 1, 1)`` columns (scalars kept)."""
+    return {k: _col(val) if np.ndim(val) else val for k, val in geo.items()}
+
+
+def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Cine intensities ``(T, H, W)`` int16 and labels ``(T, H, W)`` uint8 from the geometry."""
+    H, W = IMAGE_SHAPE
+    T = len(geo["b"])
+    tex = np.random.default_rng(p["texture_seed"])
+    x, y = image_plane(p)
+    eu, ev, U, V = heart_frame(p, x, y)
+    rows, cols = heart_box(p, geo, U, V)
+    u, v = U[None, rows, cols], V[None, rows, cols]
+    g = frame_columns(geo)
+    parts = heart_labels(p, g, u, v)
+    lab = parts["lab"]
+    fields = texture_fields(tex)
+    img0 = surroundings(p, geo, tex, fields, x, y, U, V, ev)["img"]
+    # compose by lookup: code per pixel -> value map per code (static maps in the heart frame)
+    code = lab.copy()                                   # 0 bg, 1 LV, 2 RV, 3 LA, 4 RA, 5 myo
+    code[fat_band(p, g, u, v, parts["heart"], fields["fat"])] = 6
+    code[parts["walls"] & (lab == 0)] = 7
+    img = np.empty((T, H, W), dtype=np.float32)
+    img[:] = img0
+    img[:, rows, cols] = lookup(code, tissue_maps(p, fields, u, v, img0[rows, cols]))
+    labels = np.zeros((T, H, W), dtype=np.uint8)
+    labels[:, rows, cols] = lab
+    return acquire(img, p, x, y), labels
 
 
 def wall_thickness_ed(geo: dict) -> tuple[float, float]:
