@@ -75,7 +75,8 @@ IMAGE_SHAPE = (128, 128)
 SLICE_MM = 8.0
 RESOLUTION_UV = 5           # uV per LSB in the XML
 MEDIAN_PRE, MEDIAN_POST = 250, 350   # median beat window around the R-peak (samples; 1.2 s)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1       # this module's version; phantom_v2.py is version 2
+VERSIONS = (1, 2)
 TRUNC = 0.3                 # ventricles: ellipse cut at the base, TRUNC * semi-axis below its centre
 _F_TRUNC = math.pi / 2 + TRUNC * math.sqrt(1 - TRUNC ** 2) + math.asin(TRUNC)   # area = A * B * _F_TRUNC
 
@@ -105,6 +106,16 @@ def subject_class(seed: int, index: int) -> str:
     return str(block.permutation(["normal", "normal", "dilated", "hypertrophic"])[index % 4])
 
 
+def max_heart_rate(p: dict) -> float:
+    """The fastest mean rate (bpm) that keeps >= 90 ms between T end and the next P onset at the
+    shortest beats (3 SDs of HRV), given PR, QTc (Bazett) and HRV of ``p``."""
+    hrs = np.linspace(40.0, 140.0, 1001)
+    rr = 60.0 / hrs
+    slack = (rr * (1 - 3 * p["sdnn_frac"]) - p["pr_ms"] / 1000
+             - p["qtc_target_ms"] / 1000 * np.sqrt(rr * (1 + 3 * p["sdnn_frac"])) - 0.09)
+    return float(hrs[slack >= 0].max())
+
+
 def sample_params(seed: int, index: int) -> dict:
     """All parameters of one subject; a pure function of (seed, index)."""
     cls = subject_class(seed, index)
@@ -130,11 +141,7 @@ def sample_params(seed: int, index: int) -> dict:
     # Keep >= 90 ms between T end and the next P onset at the fastest beats: squeeze the class's
     # heart-rate range (monotonically, so the order of subjects by rate is kept) where needed.
     lo, hi = ((55, 90), (65, 105), (50, 85))[by_class]
-    hrs = np.linspace(40.0, 140.0, 1001)
-    rr = 60.0 / hrs
-    slack = (rr * (1 - 3 * p["sdnn_frac"]) - p["pr_ms"] / 1000
-             - p["qtc_target_ms"] / 1000 * np.sqrt(rr * (1 + 3 * p["sdnn_frac"])) - 0.09)
-    hr_max = float(hrs[slack >= 0].max())
+    hr_max = max_heart_rate(p)
     if hr_max < hi:
         p["hr_target_bpm"] = lo + (p["hr_target_bpm"] - lo) * (min(hr_max, hi) - lo) / (hi - lo)
     # --- ECG voltages and directions
@@ -462,7 +469,8 @@ def cycle_timing(delin: dict, p: dict) -> dict:
     ms = 1000.0 / FS
     rr_ms = rr[k] * ms
     qrs_on = (delin["qrs_on"][k] - r[k]) * ms            # negative
-    es = (delin["t_end"][k] - r[k]) * ms                   # aortic valve closure ~ end of T
+    # aortic valve closure ~ end of T, plus the subject's electromechanical offset (0 in version 1)
+    es = (delin["t_end"][k] - r[k]) * ms + p.get("em_offset_ms", 0.0)
     p_next = (delin["p_on"][k + 1] - r[k]) * ms
     ej0 = max(qrs_on + p["ivc_ms"], 5.0)
     kick = min(p_next + p["atrial_delay_ms"], rr_ms - 60.0)
@@ -837,7 +845,12 @@ def wall_thickness_ed(geo: dict) -> tuple[float, float]:
 
 def simulate(seed: int, index: int) -> dict:
     """Everything about one subject in memory (no files): params, ECGs, delineation, cine, masks."""
-    p = sample_params(seed, index)
+    return simulate_params(sample_params(seed, index), render)
+
+
+def simulate_params(p: dict, render_fn) -> dict:
+    """``simulate`` from given parameters ``p`` (seed and index in it), cine drawn by ``render_fn``."""
+    seed, index = p["seed"], p["index"]
     streams = np.random.SeedSequence([seed, index, 1]).spawn(4)
     rng_rhythm = np.random.default_rng(streams[2])
     rng_noise = np.random.default_rng(streams[3])
@@ -848,7 +861,7 @@ def simulate(seed: int, index: int) -> dict:
     t_frames = np.arange(N_FRAMES) * tm["rr_ms"] / N_FRAMES
     vol = lv_area_fraction(t_frames, tm, p)
     geo = heart_geometry(p, vol)
-    cine, masks = render(p, geo)
+    cine, masks = render_fn(p, geo)
     return {"params": p, "clean": clean, "ecg": noisy, "delineation": delin, "timing": tm,
             "t_frames_ms": t_frames, "lv_area_fraction": vol, "geometry": geo, "cine": cine, "masks": masks}
 
@@ -978,7 +991,7 @@ def write_ecg_xml(path: Path, ecg_mv: np.ndarray, m: dict, delin: dict, axes: di
     _atomic_write_bytes(path, "\n".join(parts).encode("ascii"))
 
 
-def nifti_affine(p: dict) -> np.ndarray:
+def nifti_affine(p: dict, shape=IMAGE_SHAPE) -> np.ndarray:
     """Voxel (i, j, k) -> scanner mm: an oblique four-chamber plane with the subject's pixel spacing."""
     jx, jy, jz = (math.radians(a) for a in p["plane_jitter_deg"])
     base = np.array([[0.60, -0.75, 0.28], [0.55, 0.62, 0.56], [-0.58, -0.23, 0.78]])   # rows: e_i, e_j, normal
@@ -992,7 +1005,7 @@ def nifti_affine(p: dict) -> np.ndarray:
         return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
 
     rot = rz(jz) @ rx(jx) @ rz(jy) @ rot
-    H, W = IMAGE_SHAPE
+    H, W = shape
     px = p["pixel_mm"]
     aff = np.eye(4)
     aff[:3, 0] = rot[:, 0] * px
@@ -1008,7 +1021,7 @@ def write_nifti(path: Path, frames: np.ndarray, p: dict, frame_ms: float) -> Non
     import nibabel as nib
 
     data = np.ascontiguousarray(np.transpose(frames, (1, 2, 0))[:, :, None, :])
-    img = nib.Nifti1Image(data, nifti_affine(p))
+    img = nib.Nifti1Image(data, nifti_affine(p, frames.shape[1:]))
     img.header.set_xyzt_units("mm", "msec")
     zooms = img.header.get_zooms()
     img.header.set_zooms(tuple(zooms[:3]) + (float(frame_ms),))
@@ -1048,7 +1061,16 @@ def _paths(out: Path, sid: str) -> dict:
             "mask": out / "masks" / f"{sid}.nii.gz", "truth": out / "truth" / f"{sid}.json"}
 
 
-def _is_done(out: Path, seed: int, index: int) -> bool:
+def _prevalence(version: int, prevalence) -> list[float] | None:
+    """The class shares a version draws from (None: version 1's fixed 2:1:1 blocks)."""
+    if version == 1:
+        return None
+    from .phantom_v2 import DEFAULT_PREVALENCE
+
+    return [float(x) for x in (DEFAULT_PREVALENCE if prevalence is None else prevalence)]
+
+
+def _is_done(out: Path, seed: int, index: int, version: int = GENERATOR_VERSION, prevalence=None) -> bool:
     paths = _paths(out, subject_id(index))
     if not all(path.is_file() for path in paths.values()):
         return False
@@ -1056,14 +1078,23 @@ def _is_done(out: Path, seed: int, index: int) -> bool:
         params = json.loads(paths["truth"].read_text())["params"]
     except (OSError, ValueError, KeyError):
         return False
-    return params.get("seed") == seed and params.get("generator_version") == GENERATOR_VERSION
+    return (params.get("seed") == seed and params.get("generator_version") == version
+            and params.get("prevalence") == _prevalence(version, prevalence))
 
 
-def generate_subject(out_dir: str | Path, seed: int, index: int) -> dict:
-    """Simulate one subject and write its four files (the truth json last). Returns the truth."""
+def generate_subject(out_dir: str | Path, seed: int, index: int, version: int = GENERATOR_VERSION,
+                     prevalence=None) -> dict:
+    """Simulate one subject with phantom ``version`` (1 or 2; ``prevalence``: version 2's class
+    shares) and write its four files (the truth json last). Returns the truth."""
     out = Path(out_dir)
-    sim = simulate(seed, index)
-    truth = ground_truth(sim)
+    if version == 1:
+        sim = simulate(seed, index)
+        truth = ground_truth(sim)
+    else:
+        from . import phantom_v2
+
+        sim = phantom_v2.simulate(seed, index, _prevalence(version, prevalence))
+        truth = phantom_v2.ground_truth(sim)
     truth["axes_deg"] = _frontal_axes(sim["clean"], sim["delineation"])
     paths = _paths(out, truth["manifest"]["subject_id"])
     write_ecg_xml(paths["ecg"], sim["ecg"], truth["manifest"], sim["delineation"], truth["axes_deg"])
@@ -1084,8 +1115,8 @@ def _worker_init() -> None:
 
 
 def _work(args) -> int:
-    out, seed, index = args
-    generate_subject(out, seed, index)
+    out, seed, index, version, prevalence = args
+    generate_subject(out, seed, index, version, prevalence)
     return index
 
 
@@ -1125,17 +1156,20 @@ def write_manifest(out_dir: str | Path, n: int, indices=None, ecg_only: bool = F
     return path
 
 
-def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, progress: bool) -> None:
+def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, progress: bool,
+                      version: int = GENERATOR_VERSION, prevalence=None) -> None:
     """Write the subjects ``indices`` not yet done under ``out`` (resumable, any number of workers)."""
+    if version not in VERSIONS:
+        raise ValueError(f"phantom: version must be one of {VERSIONS}, got {version}")
     for sub in ("ecg", "cmr", "masks", "truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    todo = [i for i in indices if not _is_done(out, seed, i)]
+    todo = [i for i in indices if not _is_done(out, seed, i, version, prevalence)]
     if not todo:
         return
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc=f"phantom -> {out}", unit="subject", disable=not progress)
-    jobs = [(str(out), seed, i) for i in todo]
+    jobs = [(str(out), seed, i, version, prevalence) for i in todo]
     workers = max(1, min(int(workers), len(todo)))
     if workers == 1:
         for job in jobs:
@@ -1156,20 +1190,24 @@ def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, pr
     bar.close()
 
 
-def generate(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
+def generate(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True,
+             version: int = GENERATOR_VERSION, prevalence=None) -> Path:
     """Write ``n`` phantom subjects under ``out_dir`` and return the manifest path.
 
     Deterministic per (seed, subject index) whatever ``workers`` is. Resumable: subjects whose
-    files (and truth json for this seed) exist are kept; the manifest is rebuilt at the end.
+    files (and truth json for this seed, version and prevalence) exist are kept; the manifest is
+    rebuilt at the end. ``version`` 2 (``phantom_v2``) draws classes with ``prevalence``
+    (normal, dilated, hypertrophic; default 0.8, 0.1, 0.1) and writes a ``phantom_version`` column.
     """
     if n < 1:
         raise ValueError(f"phantom: n must be >= 1, got {n}")
     out = Path(out_dir)
-    _generate_indices(out, seed, list(range(n)), workers, progress)
+    _generate_indices(out, seed, list(range(n)), workers, progress, version, prevalence)
     return write_manifest(out, n)
 
 
-def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
+def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True,
+                      version: int = GENERATOR_VERSION, prevalence=None) -> Path:
     """Write ``n`` ECG-only subjects (indices ``POOL_START``..) under ``out_dir/ecg_only`` and return
     their manifest: ``subject_id, ecg_path, oracle_cmr_path, oracle_mask_path`` + ground truth.
 
@@ -1180,7 +1218,7 @@ def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int =
         raise ValueError(f"phantom: the ECG-only pool needs n >= 1, got {n}")
     out = Path(out_dir) / POOL_DIR
     indices = list(range(POOL_START, POOL_START + n))
-    _generate_indices(out, seed, indices, workers, progress)
+    _generate_indices(out, seed, indices, workers, progress, version, prevalence)
     return write_manifest(out, n, indices=indices, ecg_only=True)
 
 
@@ -1195,14 +1233,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ecg-only", type=int, default=0, metavar="M",
                         help=f"also write M ECG-only subjects under OUT/{POOL_DIR}/ (their cines for the oracle "
                              "only); the paired subjects do not change")
+    parser.add_argument("--version", type=int, default=GENERATOR_VERSION, choices=VERSIONS,
+                        help="phantom version: 1 (default) or 2 (UK Biobank-like, see docs/phantom_realism.md)")
+    parser.add_argument("--prevalence", default=None, metavar="N,D,H",
+                        help="version 2: shares of normal, dilated, hypertrophic subjects (default 0.8,0.1,0.1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    prevalence = None
+    if args.prevalence:
+        prevalence = [float(x) for x in args.prevalence.split(",")]
+        if len(prevalence) != 3 or min(prevalence) < 0 or abs(sum(prevalence) - 1) > 1e-6:
+            parser.error("--prevalence needs three non-negative shares summing to 1, e.g. 0.8,0.1,0.1")
     start = time.perf_counter()
-    manifest = generate(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet)
+    manifest = generate(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet,
+                        version=args.version, prevalence=prevalence)
     print(f"wrote {manifest} ({args.n} subjects) in {time.perf_counter() - start:.1f} s")
     if args.ecg_only > 0:
         pool = generate_ecg_only(args.out, args.ecg_only, seed=args.seed, workers=args.workers,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, version=args.version, prevalence=prevalence)
         print(f"wrote {pool} ({args.ecg_only} ECG-only subjects)")
     return 0
 
