@@ -90,7 +90,7 @@ def sample_params(seed: int, index: int, prevalence=DEFAULT_PREVALENCE) -> dict:
         p["q_amp_mv"] = float(q.uniform(0.0, 0.04))
         p["t_discordance"] = float(q.uniform(0.5, 0.8))
     else:
-        p["qrs_target_ms"] = normal(92 + by_class(0, 5, 7), 9, 72, 118)
+        p["qrs_target_ms"] = normal(92 + by_class(0, 10, 7), 9, 72, 118)
         p["rprime_frac"] = 0.0
         p["q_amp_mv"] = float(q.uniform(0.08, 0.25)) * by_class(1.0, 0.6, 1.3)
         strain = cls == "hypertrophic" and q.uniform() < 0.45
@@ -130,7 +130,7 @@ def sample_params(seed: int, index: int, prevalence=DEFAULT_PREVALENCE) -> dict:
     p["la_min_area_mm2"] = float(q.uniform(900, 1400)) * by_class(1.0, 1.3, 1.15)
     # --- layout and image (no ECG reveals these)
     p["pixel_mm"] = PIXEL_MM
-    p["psf_sigma_mm"] = float(q.uniform(1.35, 1.75))
+    p["psf_sigma_mm"] = float(q.uniform(1.6, 2.1))
     p["psf_sigma_px"] = p["psf_sigma_mm"] / PIXEL_MM
     p["blood_texture"] = float(q.uniform(0.055, 0.085))
     p["apical_signal_loss"] = float(q.uniform(0.15, 0.4))
