@@ -12,8 +12,8 @@ as n/a without them. Per cine (all on the raw file, pixel size and frame duratio
 
 - layout: field of view (mm) and matrix; LV long-axis angle in the array and handedness (sign of
   the LV-to-RV direction relative to the long axis), reported without a range;
-- LV convexity at ED: the bright blood inside the LV label (above the blood/myocardium midpoint,
-  largest component) over its convex hull (pixel corners), so papillary muscles and trabeculae count;
+- LV convexity at ED: pixels of the bright blood inside the LV label (above the blood/myocardium
+  midpoint, largest component) over pixels of its convex hull, so papillary muscles and trabeculae count;
 - blood-pool CoV at ED: std / mean of the LV label eroded by 2 pixels, pixels above the midpoint;
 - edge 10-90 % width (mm) at ED: an error function fitted to intensity against signed distance to
   the LV label's border (LV inside, myocardium outside, within 5 mm): 2.563 sigma;
@@ -75,14 +75,22 @@ RANGES = (
 # ----------------------------------------------------------------------------- measures
 
 def convexity(region: np.ndarray) -> float:
-    """Area of a 2-D boolean region over the area of the convex hull of its pixel squares."""
-    from scipy.spatial import ConvexHull
+    """Pixels of a 2-D boolean region over the pixels of its convex hull (pixel centres on or inside
+    the hull of the region's centres): 1 for any digitised convex shape."""
+    from scipy.spatial import ConvexHull, QhullError
 
     rr, cc = np.nonzero(region)
     if len(rr) == 0:
         return float("nan")
-    corners = np.concatenate([np.stack([rr + dr, cc + dc], 1) for dr in (0, 1) for dc in (0, 1)])
-    return float(len(rr) / ConvexHull(corners).volume)
+    pts = np.stack([rr, cc], 1).astype(np.float64)
+    try:
+        hull = ConvexHull(pts)
+    except QhullError:                                   # a line of pixels
+        return 1.0
+    gr, gc = np.mgrid[rr.min():rr.max() + 1, cc.min():cc.max() + 1]
+    grid = np.stack([gr.ravel(), gc.ravel()], 1).astype(np.float64)
+    inside = np.all(grid @ hull.equations[:, :2].T + hull.equations[:, 2] <= 1e-9, axis=1)
+    return float(len(rr) / inside.sum())
 
 
 def _largest_component(region: np.ndarray) -> np.ndarray:

@@ -130,14 +130,14 @@ def sample_params(seed: int, index: int, prevalence=DEFAULT_PREVALENCE) -> dict:
     p["la_min_area_mm2"] = float(q.uniform(900, 1400)) * by_class(1.0, 1.3, 1.15)
     # --- layout and image (no ECG reveals these)
     p["pixel_mm"] = PIXEL_MM
-    p["psf_sigma_mm"] = float(q.uniform(1.6, 2.1))
+    p["psf_sigma_mm"] = float(q.uniform(1.7, 2.2))
     p["psf_sigma_px"] = p["psf_sigma_mm"] / PIXEL_MM
-    p["blood_texture"] = float(q.uniform(0.055, 0.085))
+    p["blood_texture"] = float(q.uniform(0.03, 0.055))
     p["apical_signal_loss"] = float(q.uniform(0.15, 0.4))
     p["chemical_shift_depth"] = float(q.uniform(0.45, 0.75))
-    p["papillary_mm"] = [float(q.uniform(8, 13)), float(q.uniform(3.5, 5.5))]   # semi-axes along u, v
+    p["papillary_mm"] = [float(q.uniform(10, 15)), float(q.uniform(5.5, 8.0))]   # semi-axes along u, v
     p["papillary_level"] = float(q.uniform(0.45, 0.65))                           # of the LV length
-    p["trabeculation_mm"] = float(q.uniform(1.5, 4.0)) * by_class(1.0, 1.4, 0.8)
+    p["trabeculation_mm"] = float(q.uniform(3.0, 6.0)) * by_class(1.0, 1.3, 0.8)
     return p
 
 
@@ -186,7 +186,7 @@ def _lv_interior(p: dict, g: dict, u, v, fields: dict, rng: np.random.Generator)
     trab_field = v1._wave_field(rng, 10, 4, 9)(u, v)
     apical = np.clip((u - g["base"]) / g["L"] - 0.3, 0, 1) / 0.7
     lateral = np.clip(qv + 0.3, 0, 1)
-    trab = (depth < p["trabeculation_mm"] * (1 + 0.5 * s)) & (trab_field > 0.35) & (apical + lateral > 0.4)
+    trab = (depth < p["trabeculation_mm"] * (1 + 0.5 * s)) & (trab_field > 0.0) & (apical + lateral > 0.4)
     au, av = p["papillary_mm"]
     grow = 1 + 0.35 * s                                               # muscle thickens in systole
     pu = g["base"] + p["papillary_level"] * g["L"]
