@@ -810,8 +810,9 @@ def frame_columns(geo: dict) -> dict:
     return {k: _col(val) if np.ndim(val) else val for k, val in geo.items()}
 
 
-def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Cine intensities ``(T, H, W)`` int16 and labels ``(T, H, W)`` uint8 from the geometry."""
+def render(p: dict, geo: dict, timing: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cine intensities ``(T, H, W)`` int16 and labels ``(T, H, W)`` uint8 from the geometry
+    (``timing``, the cycle's events, is not needed here)."""
     H, W = IMAGE_SHAPE
     T = len(geo["b"])
     tex = np.random.default_rng(p["texture_seed"])
@@ -849,7 +850,8 @@ def simulate(seed: int, index: int) -> dict:
 
 
 def simulate_params(p: dict, render_fn) -> dict:
-    """``simulate`` from given parameters ``p`` (seed and index in it), cine drawn by ``render_fn``."""
+    """``simulate`` from given parameters ``p`` (seed and index in it), cine drawn by
+    ``render_fn(p, geometry, timing)``."""
     seed, index = p["seed"], p["index"]
     streams = np.random.SeedSequence([seed, index, 1]).spawn(4)
     rng_rhythm = np.random.default_rng(streams[2])
@@ -861,7 +863,7 @@ def simulate_params(p: dict, render_fn) -> dict:
     t_frames = np.arange(N_FRAMES) * tm["rr_ms"] / N_FRAMES
     vol = lv_area_fraction(t_frames, tm, p)
     geo = heart_geometry(p, vol)
-    cine, masks = render_fn(p, geo)
+    cine, masks = render_fn(p, geo, tm)
     return {"params": p, "clean": clean, "ecg": noisy, "delineation": delin, "timing": tm,
             "t_frames_ms": t_frames, "lv_area_fraction": vol, "geometry": geo, "cine": cine, "masks": masks}
 

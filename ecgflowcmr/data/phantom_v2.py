@@ -204,10 +204,40 @@ def _fat_water_lines(fat: np.ndarray) -> np.ndarray:
     return line
 
 
-def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
+def valve_opening(timing: dict, n_frames: int) -> np.ndarray:
+    """Opening of the AV valves per frame ``(T,)`` in [0, 1]: closed from the R-peak through ejection
+    and isovolumic relaxation, open (40 ms ramps) from the start of rapid filling until 10 ms before
+    the next R-peak."""
+    rr = timing["rr_ms"]
+    t = np.arange(n_frames) * rr / n_frames
+    opening = np.clip((t - timing["rapid_fill_start_ms"]) / 40.0, 0, 1)
+    return opening * np.clip((rr - 10.0 - t) / 40.0, 0, 1)
+
+
+def _leaflets(u, v, hinge_u, centre_v, half, opening, thick_mm=1.6) -> np.ndarray:
+    """Two valve leaflets ``(T, h, w)`` bool hinged on the annulus (u = ``hinge_u``, v = centre
+    -+ ``half``): closed they meet across it, bowed slightly towards the atrium; open they point
+    into the ventricle. Columns ``(T, 1, 1)`` for the per-frame arguments."""
+    out = np.zeros(np.broadcast_shapes(u.shape, np.shape(hinge_u)), dtype=bool)
+    # angle from the annulus line towards the ventricle (+u): -12 deg closed, 75 deg open
+    ang = np.radians(-12.0 + 87.0 * opening)
+    for side, share in ((+1, 0.55), (-1, 0.45)):        # anterior (septal) leaflet the longer
+        length = share * 2 * half * 1.05
+        h_v = centre_v - side * half
+        du, dv = np.sin(ang), side * np.cos(ang)        # unit direction from the hinge
+        ru, rv = u - hinge_u, v - h_v
+        along = np.clip(ru * du + rv * dv, 0, length)
+        out |= (ru - along * du) ** 2 + (rv - along * dv) ** 2 <= (thick_mm / 2) ** 2
+    return out
+
+
+def render(p: dict, geo: dict, timing: dict) -> tuple[np.ndarray, np.ndarray]:
     """Cine intensities ``(T, 208, 180)`` int16 and labels uint8 (the central sub-slice's)."""
     H, W = IMAGE_SHAPE
     T = len(geo["b"])
+    # atria cut at the AV plane keep their areas: semi-axes grow by sqrt(pi / truncated-ellipse factor)
+    grow = math.sqrt(math.pi / v1._F_TRUNC)
+    geo = dict(geo, **{k: geo[k] * grow for k in ("la_a", "la_b", "ra_a", "ra_b")})
     tex = np.random.default_rng(p["texture_seed"])
     x, y = image_plane(p)
     eu, ev, U, V = v1.heart_frame(p, x, y)
@@ -225,6 +255,11 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     # codes beyond version 1's: 8 papillary muscle / trabeculae, 9 fat-water border
     maps = np.concatenate([maps, maps[5:6], (1 - p["chemical_shift_depth"]) * maps[6:7]])
     interior = _lv_interior(p, g, u, v, fields, rng2)
+    # mitral and tricuspid leaflets, hinged where each ventricle's cavity is cut at the AV plane
+    opening = v1._col(valve_opening(timing, T))
+    cut = math.sqrt(1 - v1.TRUNC ** 2)
+    valves_lv = _leaflets(u, v, g["base"], g["c_lv"], g["b"] * cut, opening)
+    valves_rv = _leaflets(u, v, g["base_rv"], g["c_rv"], g["b_rv"] * cut, opening)
     # slow apical flow loses signal in systole: LV blood darkens towards the apex as it empties
     s = np.clip(g["base"] / max(p["mapse_mm"], 1e-3), 0, 1)
     apex_w = np.clip((u - g["base"]) / g["L"] - 0.45, 0, 1) / 0.55
@@ -239,6 +274,8 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
         code[fat] = 6
         code[parts["walls"] & (lab == 0)] = 7
         code[interior & (lab == 1)] = 8
+        code[valves_lv & ((lab == 1) | (lab == 3))] = 8
+        code[valves_rv & ((lab == 2) | (lab == 4))] = 8
         code[_fat_water_lines(fat) & fat] = 9
         sub = v1.lookup(code, maps)
         sub = np.where(code == 1, sub * apical_gain, sub)
