@@ -66,6 +66,8 @@ class DataConfig:
     ecg_fs: int = 500               # Hz (contract: 500)
     ecg_seconds: float = 10.0       # (contract: 10 s -> 5000 samples)
     ecg_length_tolerance_s: float = 0.5  # records within this of 10 s are cropped/padded; else refused
+    crop_mm: float = 0.0            # cine crop around the heart: 0 = 0.75 of the shorter image side; > 0 = a
+                                    # square of this many mm (NIfTI pixel size), one physical scale for any FOV
     workers: int = 2                # processes for phantom generation / preparation
     unpaired_ecg: str = ""          # ECG-only records for stage 1 (self-supervised; stages 2-3 need pairs): a
                                     # folder of ECG files or a CSV with ecg_path[, subject_id]; prepare_data.py
@@ -409,6 +411,7 @@ def _validate(cfg: Config) -> None:
              and abs(sum(d.phantom_prevalence) - 1) < 1e-6,
              "data.phantom_prevalence", "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
     _require(d.ecg_length_tolerance_s >= 0, "data.ecg_length_tolerance_s", "must be >= 0")
+    _require(d.crop_mm >= 0, "data.crop_mm", "must be >= 0 (0: the relative crop)")
     for sec_name in ("ecg", "vae", "flow"):
         sec = getattr(cfg, sec_name)
         for key in ("epochs", "batch_size"):

@@ -229,3 +229,38 @@ def test_realism_on_a_small_v2_folder(v2_dir):
     assert 0.5 < s["convexity_ed"] <= 1 and 0.02 < s["blood_cov_ed"] < 0.2 and 2 < s["edge_mm"] < 8
     text = r.table_markdown(["v2"], [s])
     assert "| heart rate (bpm, mean) |" in text and "UK Biobank" in text
+
+
+# ----------------------------------------------------------------------------- physical crop
+
+def _moving_cine(path, pixel_mm, shape=(160, 140)):
+    t = np.arange(20)[:, None, None]
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    radius = 12 + 4 * np.cos(2 * np.pi * t / 20)
+    frames = 100 + 700 * ((yy - 80) ** 2 + (xx - 70) ** 2 <= radius ** 2)
+    img = nib.Nifti1Image(np.transpose(frames, (1, 2, 0))[:, :, None, :].astype(np.int16),
+                          np.diag([pixel_mm, pixel_mm, 8.0, 1.0]))
+    nib.save(img, path)
+    return frames
+
+
+def test_crop_in_mm_is_physical_and_off_by_default(tmp_path):
+    from ecgflowcmr.data import cmr_io
+    from ecgflowcmr.data.prepare import _fingerprint
+
+    _moving_cine(tmp_path / "a.nii.gz", 2.0)
+    _, box = cmr_io.read_cine(tmp_path / "a.nii.gz", return_box=True)
+    assert box.size == round(0.75 * 140)                                  # relative: unchanged default
+    _, box = cmr_io.read_cine(tmp_path / "a.nii.gz", return_box=True, crop_mm=120.0)
+    assert box.size == 60                                                 # 120 mm of 2 mm pixels
+    np.save(tmp_path / "a.npy", _moving_cine(tmp_path / "b.nii.gz", 1.0))
+    with pytest.raises(cmr_io.CMRReadError, match="data.crop_mm"):
+        cmr_io.read_cine(tmp_path / "a.npy", crop_mm=120.0)
+    cfg = config_from_dict({})
+    assert cfg.data.crop_mm == 0.0
+    from ecgflowcmr.data.prepare import FORMAT_VERSION
+
+    old = hashlib.sha256(b"x")                      # the fingerprint of datasets prepared before data.crop_mm
+    old.update(json.dumps({"format": FORMAT_VERSION, "tolerance": 0.5}).encode())
+    assert _fingerprint(b"x", cfg) == old.hexdigest()[:16]
+    assert _fingerprint(b"x", config_from_dict({"data": {"crop_mm": 240.0}})) != _fingerprint(b"x", cfg)

@@ -246,8 +246,10 @@ def _resolve(manifest_path: Path, value: str) -> Path:
 
 def _fingerprint(manifest_path: Path | bytes, cfg) -> str:
     digest = hashlib.sha256(manifest_path if isinstance(manifest_path, bytes) else Path(manifest_path).read_bytes())
-    digest.update(json.dumps({"format": FORMAT_VERSION,
-                              "tolerance": cfg.data.ecg_length_tolerance_s}).encode())
+    settings = {"format": FORMAT_VERSION, "tolerance": cfg.data.ecg_length_tolerance_s}
+    if cfg.data.crop_mm > 0:            # only then: datasets prepared before the key existed keep theirs
+        settings["crop_mm"] = cfg.data.crop_mm
+    digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:16]
 
 
@@ -427,7 +429,7 @@ def _process(state: _State, table, manifest_path: Path, pending: list[int], cfg,
         else:
             cmr = None      # an ECG-only record
         mask = str(_resolve(manifest_path, row["mask_path"])) if use_masks else None
-        tasks.append((i, row["subject_id"], ecg, cmr, mask, tolerance))
+        tasks.append((i, row["subject_id"], ecg, cmr, mask, tolerance, float(cfg.data.crop_mm)))
     workers = max(0, int(cfg.data.workers))
     fds = {n: os.open(state.root / f"{n}.npy", os.O_RDWR) for n in state.names}
     kept = rejected = 0
@@ -527,7 +529,7 @@ def process_record(task) -> dict:
     raises: failures come back as ``{"ok": False, "file": ..., "reason": ...}``."""
     from ..ecg.phase import RPeakError, detect_rpeaks
 
-    i, subject_id, ecg_path, cmr_path, mask_path, tolerance = task
+    i, subject_id, ecg_path, cmr_path, mask_path, tolerance, crop_mm = task
     out = {"i": i, "subject_id": subject_id, "ok": False, "warnings": [], "ecg_file": ecg_path,
            "cmr_file": cmr_path or "", "mask_file": mask_path or ""}
     current = ecg_path
@@ -550,7 +552,7 @@ def process_record(task) -> dict:
                 out.update(ok=True)
                 return _with_warnings(out, caught, ecg_path)
             current = cmr_path
-            cine, box = read_cine(cmr_path, return_box=True)
+            cine, box = read_cine(cmr_path, return_box=True, crop_mm=crop_mm)
             if mask_path is not None:
                 current = mask_path
                 out["masks"] = read_mask(mask_path, box)
