@@ -21,7 +21,8 @@ as n/a without them. Per cine (all on the raw file, pixel size and frame duratio
   fraction of R-R; with the manifest, ES time (ES frame x frame duration) minus the ECG's T end;
 - function: area EF from the LV label; the long axis of the LV label (extent along its principal
   axis) at ED and ES; volume EF by the area-length method V = 8 A^2 / (3 pi L);
-- size in the model input: LV area at ED as a share of the 96 x 96 crop of ``read_cine``;
+- size in the model input: LV area at ED as a share of the 96 x 96 crop of ``read_cine``
+  (``--crop-mm``: its physical crop, ``data.crop_mm``);
 - with the manifest: class prevalence, P(dilated | QRS >= 120 ms), P(normal | QTc < 428 ms), and
   the AUC of QRS for dilated vs the rest and of QTc for abnormal vs normal.
 """
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +144,7 @@ def edge_width_mm(image: np.ndarray, inside: np.ndarray, outside: np.ndarray, pi
                   reach_mm: float = 5.0) -> float:
     """10-90 % width (mm) of the edge between ``inside`` (bright) and ``outside`` 2-D regions: an
     error function of the signed distance fitted to the pixels within ``reach_mm`` of the border."""
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
     from scipy.special import erf
 
     d = signed_distance_mm(inside, pixel_mm)
@@ -154,7 +156,9 @@ def edge_width_mm(image: np.ndarray, inside: np.ndarray, outside: np.ndarray, pi
 
     start = (float(np.percentile(y, 10)), float(np.percentile(y, 90)), 0.0, 1.5)
     try:
-        params, _ = curve_fit(model, x, y, p0=start, maxfev=4000)
+        with warnings.catch_warnings():          # an exact fit (synthetic edges) has no covariance
+            warnings.simplefilter("ignore", OptimizeWarning)
+            params, _ = curve_fit(model, x, y, p0=start, maxfev=4000)
     except RuntimeError:
         return float("nan")
     return float(ERF_10_90 * abs(params[3]))
@@ -201,7 +205,7 @@ def _header(path: Path) -> tuple[float, float | None]:
     return float(zooms[0]), frame
 
 
-def measure_cine(cine_path: Path, mask_path: Path | None) -> dict:
+def measure_cine(cine_path: Path, mask_path: Path | None, crop_mm: float = 0.0) -> dict:
     """Every per-cine property (keys of ``RANGES`` plus helpers); NaN where not measurable."""
     from ecgflowcmr.data import cmr_io
 
@@ -234,7 +238,7 @@ def measure_cine(cine_path: Path, mask_path: Path | None) -> dict:
         # rows grow downwards: a positive cross product is clockwise on screen
         out["handedness"] = float(axis[1] * d[0] - axis[0] * d[1] > 0)
     out["la_angle_deg"] = angle
-    cine, box = cmr_io.read_cine(cine_path, return_box=True)
+    cine, box = cmr_io.read_cine(cine_path, return_box=True, crop_mm=crop_mm)
     out["lv_share_input"] = 100.0 * float((cmr_io.read_mask(mask_path, box)[0] == 1).mean())
     return out
 
@@ -261,7 +265,7 @@ def _find(folder: Path):
     return [c.name.split(".nii")[0] for c in cines], cines, masks, None
 
 
-def measure_folder(folder: str | Path, max_n: int | None = None, progress: bool = True) -> dict:
+def measure_folder(folder: str | Path, max_n: int | None = None, progress: bool = True, crop_mm: float = 0.0) -> dict:
     """Summary of every property over a folder (see module doc)."""
     from tqdm import tqdm
 
@@ -273,7 +277,7 @@ def measure_folder(folder: str | Path, max_n: int | None = None, progress: bool 
         table = table.iloc[:max_n] if table is not None else None
     if not cines:
         raise SystemExit(f"{folder}: no cines found (manifest.csv with cmr_path, or *.nii / *.nii.gz)")
-    per = [measure_cine(c, masks[i] if masks else None)
+    per = [measure_cine(c, masks[i] if masks else None, crop_mm)
            for i, c in enumerate(tqdm(cines, desc=str(folder), disable=not progress))]
 
     def col(key):
@@ -352,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="phantom folders (manifest.csv) or folders of NIfTI cines")
     parser.add_argument("--max", type=int, default=None, help="at most this many cines per folder")
     parser.add_argument("--json", default=None, help="also write the summaries here")
+    parser.add_argument("--crop-mm", type=float, default=0.0,
+                        help="crop of read_cine for the model-input size row (data.crop_mm; 0: relative)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    summaries = [measure_folder(f, args.max, progress=not args.quiet) for f in args.folders]
+    summaries = [measure_folder(f, args.max, progress=not args.quiet, crop_mm=args.crop_mm) for f in args.folders]
     print(table_markdown([Path(f).name for f in args.folders], summaries))
     if args.json:
         Path(args.json).write_text(json.dumps(dict(zip(args.folders, summaries)), indent=1))

@@ -6,8 +6,9 @@ ranges (``benchmarks/phantom_realism.py``).
 What changes (everything else, ECG model, delineation, LV area-curve shape, noise, is version 1's):
 
 1. Coupling with scatter. Class prevalence is a parameter (default 80 % normal, 10 % dilated, 10 %
-   hypertrophic), drawn per subject. ECG phenotypes overlap across classes: left bundle branch
-   block (wide QRS, R') in 2 % of normal, 30 % of dilated and 5 % of hypertrophic hearts; QTc,
+   hypertrophic), drawn per subject. ECG phenotypes overlap across classes: a bundle branch block
+   (QRS >= 125 ms, drawn with the LBBB shape; it stands in for every wide-QRS conduction delay, 3-5 %
+   of adults) in 4 % of normal, 30 % of dilated and 6 % of hypertrophic hearts; QTc,
    voltages and strain-pattern T waves shift with the class but spread across it; ventricular size,
    wall thickness and EF are drawn per class from overlapping normal distributions. End-systole is
    the delineated T end plus a per-subject electromechanical offset (aortic valve closure follows
@@ -81,7 +82,7 @@ def sample_params(seed: int, index: int, prevalence=DEFAULT_PREVALENCE) -> dict:
     p.update({"class": cls, "generator_version": GENERATOR_VERSION,
               "prevalence": [float(x) for x in prevalence]})
     # --- conduction and repolarisation: shifted by the class, overlapping across classes
-    lbbb = bool(q.uniform() < by_class(0.02, 0.30, 0.05))
+    lbbb = bool(q.uniform() < by_class(0.04, 0.30, 0.06))
     p["lbbb"] = lbbb
     p["pr_ms"] = normal(160 + by_class(0, 12, 5), 20, 115, 240)
     if lbbb:
@@ -132,7 +133,7 @@ def sample_params(seed: int, index: int, prevalence=DEFAULT_PREVALENCE) -> dict:
     p["pixel_mm"] = PIXEL_MM
     p["psf_sigma_mm"] = float(q.uniform(1.7, 2.2))
     p["psf_sigma_px"] = p["psf_sigma_mm"] / PIXEL_MM
-    p["blood_texture"] = float(q.uniform(0.03, 0.055))
+    p["blood_texture"] = float(q.uniform(0.025, 0.045))
     p["apical_signal_loss"] = float(q.uniform(0.15, 0.4))
     p["chemical_shift_depth"] = float(q.uniform(0.45, 0.75))
     p["papillary_mm"] = [float(q.uniform(10, 15)), float(q.uniform(5.5, 8.0))]   # semi-axes along u, v
