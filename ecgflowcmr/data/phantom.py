@@ -1,6 +1,8 @@
 """The paired ECG-cine phantom: a benchmark with known answers, written in the real file formats.
 
-``python -m ecgflowcmr.data.phantom --out DIR --n N --seed S [--workers W]`` writes::
+``python -m ecgflowcmr.data.phantom --out DIR --n N --seed S [--workers W] [--version 2]`` writes
+(version 1, this module; ``--version 2``: ``phantom_v2.py``, a UK Biobank-like realism upgrade that
+reuses this module's pieces, 208 x 180 cines, and a ``phantom_version`` manifest column)::
 
     DIR/ecg/<id>.xml       UK Biobank CardioSoft XML: 10 s, 12 leads, 500 Hz, integer samples with
                            <Resolution> 5 uV/LSB under <StripData>; median beats under
