@@ -175,8 +175,10 @@ def _sub_slice(g: dict, dz: float) -> dict:
     return out
 
 
-def _lv_interior(p: dict, g: dict, u, v, fields: dict, rng: np.random.Generator):
-    """Papillary muscle and trabeculae ``(T, h, w)`` bool: muscle inside the LV cavity."""
+def _lv_interior(p: dict, g: dict, u, v, rng: np.random.Generator):
+    """Papillary muscle and trabeculae ``(T, h, w)`` bool: muscle inside the LV cavity (trabeculae
+    where a random field of 4-9 mm wavelength is positive within their depth of the endocardium,
+    over the apical and lateral walls)."""
     semi = g["L"] / (1 + v1.TRUNC)
     cu = g["base"] + v1.TRUNC * semi
     qu = (u - cu) / semi
@@ -247,7 +249,6 @@ def render(p: dict, geo: dict, timing: dict) -> tuple[np.ndarray, np.ndarray]:
     g = v1.frame_columns(geo)
     fields = v1.texture_fields(tex)
     scene = v1.surroundings(p, geo, tex, fields, x, y, U, V, ev)
-    rng2 = np.random.default_rng([p["texture_seed"], 2])
     bg = scene["img"]
     # dark line where subcutaneous fat meets water-based tissue (fat weight 0.5 at the border)
     fw = scene["body_fat"]
@@ -255,7 +256,7 @@ def render(p: dict, geo: dict, timing: dict) -> tuple[np.ndarray, np.ndarray]:
     maps = v1.tissue_maps(p, fields, u, v, bg[rows, cols], blood_tex=p["blood_texture"])
     # codes beyond version 1's: 8 papillary muscle / trabeculae, 9 fat-water border
     maps = np.concatenate([maps, maps[5:6], (1 - p["chemical_shift_depth"]) * maps[6:7]])
-    interior = _lv_interior(p, g, u, v, fields, rng2)
+    interior = _lv_interior(p, g, u, v, np.random.default_rng([p["texture_seed"], 2]))
     # mitral and tricuspid leaflets, hinged where each ventricle's cavity is cut at the AV plane
     opening = v1._col(valve_opening(timing, T))
     cut = math.sqrt(1 - v1.TRUNC ** 2)
