@@ -55,6 +55,10 @@ class DataConfig:
     phantom_dir: str = ""           # where the phantom is generated; "" -> <run_dir>/phantom
     phantom_n: int = 128            # subjects generated when the phantom is missing
     phantom_seed: int = 0
+    phantom_version: int = 1        # phantom generator: 1 (the benchmark tables so far), 2 (UK Biobank-like
+                                    # timing, coupling scatter, image and layout: docs/phantom_realism.md)
+    phantom_prevalence: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # version 2 only:
+                                    # normal / dilated / hypertrophic shares (version 1 is 2:1:1 by design)
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     split_seed: int = 0
     num_frames: int = 50            # cine frames per R-R cycle (contract: 50)
@@ -62,6 +66,8 @@ class DataConfig:
     ecg_fs: int = 500               # Hz (contract: 500)
     ecg_seconds: float = 10.0       # (contract: 10 s -> 5000 samples)
     ecg_length_tolerance_s: float = 0.5  # records within this of 10 s are cropped/padded; else refused
+    crop_mm: float = 0.0            # cine crop around the heart: 0 = 0.75 of the shorter image side; > 0 = a
+                                    # square of this many mm (NIfTI pixel size), one physical scale for any FOV
     workers: int = 2                # processes for phantom generation / preparation
     unpaired_ecg: str = ""          # ECG-only records for stage 1 (self-supervised; stages 2-3 need pairs): a
                                     # folder of ECG files or a CSV with ecg_path[, subject_id]; prepare_data.py
@@ -400,7 +406,12 @@ def _validate(cfg: Config) -> None:
     _require(d.ecg_fs == 500, "data.ecg_fs", "the ECG contract is 500 Hz")
     _require(d.ecg_seconds == 10.0, "data.ecg_seconds", "the ECG contract is 10 s")
     _require(d.phantom_n >= 1, "data.phantom_n", "must be >= 1")
+    _require(d.phantom_version in (1, 2), "data.phantom_version", f"must be 1 or 2, got {d.phantom_version}")
+    _require(len(d.phantom_prevalence) == 3 and all(x >= 0 for x in d.phantom_prevalence)
+             and abs(sum(d.phantom_prevalence) - 1) < 1e-6,
+             "data.phantom_prevalence", "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
     _require(d.ecg_length_tolerance_s >= 0, "data.ecg_length_tolerance_s", "must be >= 0")
+    _require(d.crop_mm >= 0, "data.crop_mm", "must be >= 0 (0: the relative crop)")
     for sec_name in ("ecg", "vae", "flow"):
         sec = getattr(cfg, sec_name)
         for key in ("epochs", "batch_size"):

@@ -20,6 +20,9 @@ retrospectively gated cines do. Processing, in order:
    motion-weighted centroid of that region. The box
    side is ``CROP_FRACTION`` (0.75) of the shorter image side: a fixed fraction of the field of
    view, so that a large heart still looks large after cropping, not zoomed to a standard size.
+   With ``crop_mm`` > 0 (``data.crop_mm``) the side is that many millimetres instead, from the
+   NIfTI header's pixel size: cines of any field of view then reach the model at one physical scale
+   (``.npy`` files carry no pixel size and are refused with it).
    It is enlarged only when the moving region (its 1st-99th weighted percentile extent) would
    not fit, never beyond the image, and shifted to lie inside the image. A cine without motion
    falls back to the intensity moments (centroid) of the mean image.
@@ -70,12 +73,14 @@ class CropBox(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_cine(path: str | Path, return_box: bool = False):
-    """Read a cine -> float32 ``(1, 50, 96, 96)`` in [-1, 1] (and the ``CropBox`` if asked)."""
+def read_cine(path: str | Path, return_box: bool = False, crop_mm: float = 0.0):
+    """Read a cine -> float32 ``(1, 50, 96, 96)`` in [-1, 1] (and the ``CropBox`` if asked).
+    ``crop_mm`` > 0: a square box of that side in mm around the heart (see module doc)."""
     path = Path(path)
     frames = load_frames(path)                      # (T, H, W) float32
     _check_values(frames, path)
-    box = find_heart_box(frames)
+    side_px = crop_mm / pixel_spacing_mm(path) if crop_mm > 0 else None
+    box = find_heart_box(frames, side_px=side_px)
     cine = crop_resize(resample_frames(frames, NUM_FRAMES), box, IMAGE_SIZE)
     cine = normalise_intensity(cine, path)
     return (cine[None], box) if return_box else cine[None]
@@ -157,8 +162,24 @@ def nearest_frame_indices(t: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
     return np.floor(np.arange(num_frames) * (t / num_frames) + 0.5).astype(np.int64) % t
 
 
-def find_heart_box(frames: np.ndarray, fraction: float = CROP_FRACTION) -> CropBox:
-    """Square ``CropBox`` around the moving heart in ``(T, H, W)`` frames (see module doc)."""
+def pixel_spacing_mm(path: str | Path) -> float:
+    """In-plane pixel size (mm) of a NIfTI cine (the mean of its two in-plane spacings)."""
+    path = Path(path)
+    if not (path.name.lower().endswith(".nii") or path.name.lower().endswith(".nii.gz")):
+        raise CMRReadError(f"{path}: a crop in mm (data.crop_mm) needs the pixel size, which only NIfTI "
+                           f"files carry; set data.crop_mm=0 for this file type")
+    import nibabel as nib
+
+    zooms = nib.load(str(path)).header.get_zooms()
+    spacing = 0.5 * (float(zooms[0]) + float(zooms[1]))
+    if not np.isfinite(spacing) or spacing <= 0:
+        raise CMRReadError(f"{path}: the header's pixel size ({zooms[:2]}) is not usable for a crop in mm")
+    return spacing
+
+
+def find_heart_box(frames: np.ndarray, fraction: float = CROP_FRACTION, side_px: float | None = None) -> CropBox:
+    """Square ``CropBox`` around the moving heart in ``(T, H, W)`` frames (see module doc); its side
+    is ``fraction`` of the shorter image side, or ``side_px`` pixels where given."""
     from scipy.ndimage import gaussian_filter
 
     t, h, w = frames.shape
@@ -179,7 +200,8 @@ def find_heart_box(frames: np.ndarray, fraction: float = CROP_FRACTION) -> CropB
     total = weights.sum()
     centre_r = float((weights.sum(axis=1) * rows).sum() / total)
     centre_c = float((weights.sum(axis=0) * cols).sum() / total)
-    size = int(round(min(max(fraction * min(h, w), extent), min(h, w))))
+    side = fraction * min(h, w) if side_px is None else side_px
+    size = int(round(min(max(side, extent), min(h, w))))
     row = int(np.clip(round(centre_r - size / 2 + 0.5), 0, h - size))
     col = int(np.clip(round(centre_c - size / 2 + 0.5), 0, w - size))
     return CropBox(row, col, size, h, w)

@@ -1,6 +1,8 @@
 """The paired ECG-cine phantom: a benchmark with known answers, written in the real file formats.
 
-``python -m ecgflowcmr.data.phantom --out DIR --n N --seed S [--workers W]`` writes::
+``python -m ecgflowcmr.data.phantom --out DIR --n N --seed S [--workers W] [--version 2]`` writes
+(version 1, this module; ``--version 2``: ``phantom_v2.py``, a UK Biobank-like realism upgrade that
+reuses this module's pieces, 208 x 180 cines, and a ``phantom_version`` manifest column)::
 
     DIR/ecg/<id>.xml       UK Biobank CardioSoft XML: 10 s, 12 leads, 500 Hz, integer samples with
                            <Resolution> 5 uV/LSB under <StripData>; median beats under
@@ -75,7 +77,8 @@ IMAGE_SHAPE = (128, 128)
 SLICE_MM = 8.0
 RESOLUTION_UV = 5           # uV per LSB in the XML
 MEDIAN_PRE, MEDIAN_POST = 250, 350   # median beat window around the R-peak (samples; 1.2 s)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 1       # this module's version; phantom_v2.py is version 2
+VERSIONS = (1, 2)
 TRUNC = 0.3                 # ventricles: ellipse cut at the base, TRUNC * semi-axis below its centre
 _F_TRUNC = math.pi / 2 + TRUNC * math.sqrt(1 - TRUNC ** 2) + math.asin(TRUNC)   # area = A * B * _F_TRUNC
 
@@ -105,6 +108,16 @@ def subject_class(seed: int, index: int) -> str:
     return str(block.permutation(["normal", "normal", "dilated", "hypertrophic"])[index % 4])
 
 
+def max_heart_rate(p: dict) -> float:
+    """The fastest mean rate (bpm) that keeps >= 90 ms between T end and the next P onset at the
+    shortest beats (3 SDs of HRV), given PR, QTc (Bazett) and HRV of ``p``."""
+    hrs = np.linspace(40.0, 140.0, 1001)
+    rr = 60.0 / hrs
+    slack = (rr * (1 - 3 * p["sdnn_frac"]) - p["pr_ms"] / 1000
+             - p["qtc_target_ms"] / 1000 * np.sqrt(rr * (1 + 3 * p["sdnn_frac"])) - 0.09)
+    return float(hrs[slack >= 0].max())
+
+
 def sample_params(seed: int, index: int) -> dict:
     """All parameters of one subject; a pure function of (seed, index)."""
     cls = subject_class(seed, index)
@@ -130,11 +143,7 @@ def sample_params(seed: int, index: int) -> dict:
     # Keep >= 90 ms between T end and the next P onset at the fastest beats: squeeze the class's
     # heart-rate range (monotonically, so the order of subjects by rate is kept) where needed.
     lo, hi = ((55, 90), (65, 105), (50, 85))[by_class]
-    hrs = np.linspace(40.0, 140.0, 1001)
-    rr = 60.0 / hrs
-    slack = (rr * (1 - 3 * p["sdnn_frac"]) - p["pr_ms"] / 1000
-             - p["qtc_target_ms"] / 1000 * np.sqrt(rr * (1 + 3 * p["sdnn_frac"])) - 0.09)
-    hr_max = float(hrs[slack >= 0].max())
+    hr_max = max_heart_rate(p)
     if hr_max < hi:
         p["hr_target_bpm"] = lo + (p["hr_target_bpm"] - lo) * (min(hr_max, hi) - lo) / (hi - lo)
     # --- ECG voltages and directions
@@ -462,7 +471,8 @@ def cycle_timing(delin: dict, p: dict) -> dict:
     ms = 1000.0 / FS
     rr_ms = rr[k] * ms
     qrs_on = (delin["qrs_on"][k] - r[k]) * ms            # negative
-    es = (delin["t_end"][k] - r[k]) * ms                   # aortic valve closure ~ end of T
+    # aortic valve closure ~ end of T, plus the subject's electromechanical offset (0 in version 1)
+    es = (delin["t_end"][k] - r[k]) * ms + p.get("em_offset_ms", 0.0)
     p_next = (delin["p_on"][k + 1] - r[k]) * ms
     ej0 = max(qrs_on + p["ivc_ms"], 5.0)
     kick = min(p_next + p["atrial_delay_ms"], rr_ms - 60.0)
@@ -602,44 +612,59 @@ def _ellipse(u, v, cu, cv, a, b):
     return q <= 1.0
 
 
-def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Cine intensities ``(T, H, W)`` int16 and labels ``(T, H, W)`` uint8 from the geometry."""
-    from scipy.ndimage import gaussian_filter
+GAP_MM, IAS_MM, ATRIAL_WALL_MM = 3.0, 3.0, 2.0   # AV-plane gap, interatrial septum, atrial wall
 
-    H, W = IMAGE_SHAPE
-    T = len(geo["b"])
+
+def image_plane(p: dict, shape=IMAGE_SHAPE):
+    """Pixel centres (mm) of the image in the phantom's plane: x ``(1, W)`` along columns, y ``(H, 1)``
+    along rows, origin at the image centre."""
+    H, W = shape
     px = p["pixel_mm"]
-    tex = np.random.default_rng(p["texture_seed"])
     y = ((np.arange(H) - (H - 1) / 2) * px).astype(np.float32)[:, None]
     x = ((np.arange(W) - (W - 1) / 2) * px).astype(np.float32)[None, :]
+    return x, y
+
+
+def heart_frame(p: dict, x, y):
+    """Long-axis unit vectors ``eu``, ``ev`` (in x, y), and the heart coordinates U, V (mm) of every
+    pixel ``(H, W)`` (u: base -> apex from the crux, v: towards the LV lateral wall)."""
     th = math.radians(p["theta_deg"])
     eu = np.array([math.cos(th), math.sin(th)])               # long axis (x, y) in the image
     ev = np.array([-eu[1], eu[0]])                            # towards the LV lateral wall
     # the crux sits so that the heart (~ u in [-60, 100], v in [-45, 60]) is near the FOV centre
     centre = np.array([p["offset_x_mm"], p["offset_y_mm"]]) - 20 * eu - 8 * ev
     xr, yr = x - centre[0], y - centre[1]
-    U = (xr * eu[0] + yr * eu[1]).astype(np.float32)           # (H, W)
+    U = (xr * eu[0] + yr * eu[1]).astype(np.float32)
     V = (xr * ev[0] + yr * ev[1]).astype(np.float32)
-    rw = p["rv_wall_mm"]
-    gap, ias, wall = 3.0, 3.0, 2.0
-    fat_max = 2.0 * p["fat_mm"]
+    return eu, ev, U, V
 
-    # ---- the heart's bounding box in pixels (over all frames, with margins): work only there
+
+def heart_box(p: dict, geo: dict, U: np.ndarray, V: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns of the pixels that can hold the heart in any frame (with margins): the
+    per-frame work is done only there."""
+    fat_max = 2.0 * p["fat_mm"]
+    rw = p["rv_wall_mm"]
     a_max = max(float(geo["la_a"].max()), float(geo["ra_a"].max()))
-    u_lo = -(2 * a_max + gap + wall + 4)
+    u_lo = -(2 * a_max + GAP_MM + ATRIAL_WALL_MM + 4)
     u_hi = p["lv_length_mm"] * p["heart_scale"] + p["apex_mm"] + fat_max + 4
     v_lo = min(float((geo["c_rv"] - geo["b_rv"]).min()) - rw - fat_max,
-               geo["v_ias"] - ias / 2 - 1.85 * float(geo["ra_b"].max()) - wall) - 4
+               geo["v_ias"] - IAS_MM / 2 - 1.85 * float(geo["ra_b"].max()) - ATRIAL_WALL_MM) - 4
     v_hi = max(float((geo["c_epi"] + geo["b_epi"]).max()) + fat_max,
-               geo["v_ias"] + ias / 2 + 1.85 * float(geo["la_b"].max()) + wall) + 4
-    corners = np.array([[uu, vv] for uu in (u_lo, u_hi) for vv in (v_lo, v_hi)])
-    cx_ = (centre[0] + corners[:, 0] * eu[0] + corners[:, 1] * ev[0]) / px + (W - 1) / 2
-    cy_ = (centre[1] + corners[:, 0] * eu[1] + corners[:, 1] * ev[1]) / px + (H - 1) / 2
-    r0, r1 = max(int(np.floor(cy_.min())), 0), min(int(np.ceil(cy_.max())) + 1, H)
-    c0, c1 = max(int(np.floor(cx_.min())), 0), min(int(np.ceil(cx_.max())) + 1, W)
-    u, v = U[None, r0:r1, c0:c1], V[None, r0:r1, c0:c1]
-    g = {k: _col(val) if np.ndim(val) else val for k, val in geo.items()}
+               geo["v_ias"] + IAS_MM / 2 + 1.85 * float(geo["la_b"].max()) + ATRIAL_WALL_MM) + 4
+    inside = (U >= u_lo) & (U <= u_hi) & (V >= v_lo) & (V <= v_hi)
+    rows, cols = np.nonzero(inside.any(axis=1))[0], np.nonzero(inside.any(axis=0))[0]
+    H, W = inside.shape
+    return (slice(max(int(rows.min()) - 1, 0), min(int(rows.max()) + 2, H)),
+            slice(max(int(cols.min()) - 1, 0), min(int(cols.max()) + 2, W)))
 
+
+def heart_labels(p: dict, g: dict, u: np.ndarray, v: np.ndarray, joined_atria: bool = False) -> dict:
+    """Labels ``(T, h, w)`` uint8 (``MASK_LABELS``) and the masks the image needs, from the per-frame
+    geometry ``g`` (columns ``(T, 1, 1)``) at heart coordinates ``u``, ``v`` ``(1, h, w)``.
+
+    ``joined_atria``: the atria are ellipses cut at the AV plane, wide open onto their ventricle;
+    otherwise whole ellipses a small gap above it."""
+    rw = p["rv_wall_mm"]
     lv_cav = _trunc_ellipse(u, v, g["base"], g["L"], g["b"], g["c_lv"])
     lv_epi = _trunc_ellipse(u, v, g["base"], g["L_epi"], g["b_epi"], g["c_epi"])
     rv_cav = _trunc_ellipse(u, v, g["base_rv"], g["L_rv"], g["b_rv"], g["c_rv"])
@@ -647,9 +672,11 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     rv_epi = _trunc_ellipse(u, v, g["base_rv"], g["L_rv"] + rw, g["b_rv"] + rw, g["c_rv"])
     rv_epi &= ~lv_epi
     v_ias = g["v_ias"]
+    gap, ias, wall = (0.0 if joined_atria else GAP_MM), IAS_MM, ATRIAL_WALL_MM
 
     def atrium(top, a, b, side):
-        cu = top - gap - a
+        # joined: the ellipse's centre lies TRUNC * a above the AV plane, so the cut is wide
+        cu = top - gap - (TRUNC * a if joined_atria else a)
         cv = v_ias + side * (ias / 2 + 0.85 * b)
         inner = _ellipse(u, v, cu, cv, a, b)
         inner &= u <= top - gap
@@ -662,6 +689,9 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     ra, ra_wall = atrium(g["base_rv"], g["ra_a"], g["ra_b"], -1)
     la &= ~rv_epi
     ra &= ~lv_epi
+    if joined_atria:                       # the ventricles' walls end at the AV plane
+        la &= ~lv_cav
+        ra &= ~rv_cav
     heart = lv_epi | rv_epi
     walls = (la_wall | ra_wall) & ~heart
     heart |= walls
@@ -671,72 +701,91 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     lab[rv_cav] = 2
     lab[la] = 3
     lab[ra] = 4
+    return {"lab": lab, "heart": heart, "walls": walls, "lv_cav": lv_cav}
 
-    # ---- static surroundings (image frame), soft-edged
-    f_tissue = _wave_field(tex, 12, 12, 60)
-    f_fine = _wave_field(tex, 12, 5, 14)
-    f_fat = _wave_field(tex, 8, 20, 50)
-    f_blood = _wave_field(tex, 16, 8, 30)
 
-    def blend(img_, weight, value):
-        return img_ + weight * (value - img_)
+def _blend(img_, weight, value):
+    return img_ + weight * (value - img_)
 
-    def soft(q, edge):      # q: normalised radius (1 on the boundary) -> weight 1 inside, 0 outside
-        return np.clip((1.0 - q) / edge, 0.0, 1.0)
 
-    fine_xy = f_fine(x, y)
+def _soft(q, edge):      # q: normalised radius (1 on the boundary) -> weight 1 inside, 0 outside
+    return np.clip((1.0 - q) / edge, 0.0, 1.0)
+
+
+def texture_fields(tex: np.random.Generator) -> dict:
+    """The subject's smooth random fields (drawn in this order from ``tex``): tissue, fine, fat, blood."""
+    return {"tissue": _wave_field(tex, 12, 12, 60), "fine": _wave_field(tex, 12, 5, 14),
+            "fat": _wave_field(tex, 8, 20, 50), "blood": _wave_field(tex, 16, 8, 30)}
+
+
+def surroundings(p: dict, geo: dict, tex: np.random.Generator, fields: dict, x, y, U, V, ev) -> dict:
+    """Static image ``(H, W)`` float32 outside the heart: body with subcutaneous fat, lungs, liver,
+    descending aorta; and the weight maps of fat and lung ``(H, W)`` (1 inside)."""
+    fine_xy = fields["fine"](x, y)
     body_ax = tex.uniform(150, 185), tex.uniform(115, 135)
     body_c = tex.uniform(-15, 15, size=2)
     body_r = np.sqrt(((x - body_c[0]) / body_ax[0]) ** 2 + ((y - body_c[1]) / body_ax[1]) ** 2)
-    img0 = p["tissue_intensity"] * (1 + 0.12 * f_tissue(x, y) + 0.05 * fine_xy)
+    img0 = p["tissue_intensity"] * (1 + 0.12 * fields["tissue"](x, y) + 0.05 * fine_xy)
     fat_w = 14.0 / body_ax[1]
-    img0 = blend(img0, 1 - soft(body_r / (1 - fat_w), 0.03), p["fat_intensity"] * (1 + 0.06 * fine_xy))
-    img0 = img0 * soft(body_r, 0.015)
+    body_fat = 1 - _soft(body_r / (1 - fat_w), 0.03)
+    img0 = _blend(img0, body_fat, p["fat_intensity"] * (1 + 0.06 * fine_xy))
+    img0 = img0 * _soft(body_r, 0.015)
     lv_w = geo["b"][0] * 2 + p["lateral_mm"]
     lung_w = np.zeros_like(img0)
     for cu_, cv_, au, av in ((30 + tex.uniform(-10, 10), lv_w + 40 + tex.uniform(0, 15), 75, 38),
                              (-5 + tex.uniform(-10, 10), -(p["septum_mm"] + 2 * p["rv_halfwidth_mm"] + 42
                                                              + tex.uniform(0, 15)), 70, 36)):
         q = np.sqrt(((U - cu_) / au) ** 2 + ((V - cv_) / av) ** 2)
-        lung_w = np.maximum(lung_w, soft(q, 0.08))
-    lung_w *= soft(body_r / 0.93, 0.03)
-    img0 = blend(img0, lung_w, p["lung_intensity"] * (1 + 0.3 * fine_xy))
+        lung_w = np.maximum(lung_w, _soft(q, 0.08))
+    lung_w *= _soft(body_r / 0.93, 0.03)
+    img0 = _blend(img0, lung_w, p["lung_intensity"] * (1 + 0.3 * fine_xy))
     liver_c = -40 - 30 * ev[0] + tex.uniform(-10, 10), 75 + tex.uniform(-10, 10)
-    liver_w = soft(np.sqrt(((x - liver_c[0]) / 70) ** 2 + ((y - liver_c[1]) / 45) ** 2), 0.06) \
-        * soft(body_r / 0.93, 0.03) * (1 - lung_w)
-    img0 = blend(img0, liver_w, 1.15 * p["tissue_intensity"] * (1 + 0.05 * f_tissue(x, y)))
-    ao_u = -(2 * float(np.max(geo["la_a"])) + gap + 16 + tex.uniform(0, 6))
+    liver_w = _soft(np.sqrt(((x - liver_c[0]) / 70) ** 2 + ((y - liver_c[1]) / 45) ** 2), 0.06) \
+        * _soft(body_r / 0.93, 0.03) * (1 - lung_w)
+    img0 = _blend(img0, liver_w, 1.15 * p["tissue_intensity"] * (1 + 0.05 * fields["tissue"](x, y)))
+    ao_u = -(2 * float(np.max(geo["la_a"])) + GAP_MM + 16 + tex.uniform(0, 6))
     ao_v = geo["v_ias"] + 0.6 * float(np.max(geo["la_b"]))
     ao_r = tex.uniform(9, 13)
     ao_q = np.sqrt((U - ao_u) ** 2 + (V - ao_v) ** 2)
-    img0 = blend(img0, soft(ao_q / (ao_r + 2), 0.1), p["myo_intensity"])
-    img0 = blend(img0, soft(ao_q / ao_r, 0.1), 0.9 * p["blood_intensity"]).astype(np.float32)
+    img0 = _blend(img0, _soft(ao_q / (ao_r + 2), 0.1), p["myo_intensity"])
+    img0 = _blend(img0, _soft(ao_q / ao_r, 0.1), 0.9 * p["blood_intensity"]).astype(np.float32)
+    return {"img": img0, "body_fat": body_fat * _soft(body_r, 0.015), "lung": lung_w}
 
-    # ---- heart (moves with the frame): fat band of varying thickness, thicker in the AV groove
+
+def fat_band(p: dict, g: dict, u, v, heart: np.ndarray, f_fat) -> np.ndarray:
+    """Epicardial fat ``(T, h, w)`` bool: a band of varying thickness, thicker in the AV groove."""
+    rw = p["rv_wall_mm"]
     groove = np.exp(-((u + 2) / 14) ** 2)
     fat_local = p["fat_mm"] * np.clip(0.45 + 0.6 * f_fat(u, v) + 0.8 * groove, 0, 2.0)
-    fat_band = _trunc_ellipse(u, v, g["base"] - 4, g["L_epi"] + 4 + fat_local, g["b_epi"] + fat_local, g["c_epi"])
-    fat_band |= _trunc_ellipse(u, v, g["base_rv"] - 4, g["L_rv"] + rw + 4 + fat_local,
-                               g["b_rv"] + rw + fat_local, g["c_rv"])
-    fat_band &= ~heart
-    # compose by lookup: code per pixel -> value map per code (static maps in the heart frame)
-    code = lab.copy()                                   # 0 bg, 1 LV, 2 RV, 3 LA, 4 RA, 5 myo
-    code[fat_band] = 6
-    code[walls & (lab == 0)] = 7
-    fine_uv = f_fine(u, v)[0]
-    blood = p["blood_intensity"] * (1 + 0.03 * f_blood(u, v)[0])
-    maps = np.stack([img0[r0:r1, c0:c1], blood, 0.95 * blood, 0.97 * blood, 0.97 * blood,
+    band = _trunc_ellipse(u, v, g["base"] - 4, g["L_epi"] + 4 + fat_local, g["b_epi"] + fat_local, g["c_epi"])
+    band |= _trunc_ellipse(u, v, g["base_rv"] - 4, g["L_rv"] + rw + 4 + fat_local,
+                           g["b_rv"] + rw + fat_local, g["c_rv"])
+    band &= ~heart
+    return band
+
+
+def tissue_maps(p: dict, fields: dict, u, v, background: np.ndarray, blood_tex: float = 0.03) -> np.ndarray:
+    """Intensity of each tissue code at every pixel of the heart box ``(8, h, w)`` float32: 0 the
+    static background, 1 LV, 2 RV, 3 LA, 4 RA, 5 myocardium, 6 epicardial fat, 7 atrial wall.
+    ``blood_tex``: relative amplitude of the blood pools' smooth inhomogeneity."""
+    fine_uv = fields["fine"](u, v)[0]
+    blood = p["blood_intensity"] * (1 + blood_tex * fields["blood"](u, v)[0])
+    return np.stack([background, blood, 0.95 * blood, 0.97 * blood, 0.97 * blood,
                      p["myo_intensity"] * (1 + 0.06 * fine_uv), p["fat_intensity"] * (1 + 0.05 * fine_uv),
-                     np.full_like(blood, 1.1 * p["myo_intensity"])]).astype(np.float32)   # (8, h, w)
+                     np.full_like(blood, 1.1 * p["myo_intensity"])]).astype(np.float32)
+
+
+def lookup(code: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """Per-pixel intensity ``(T, h, w)`` from tissue codes ``(T, h, w)`` and maps ``(K, h, w)``."""
     hh, ww = code.shape[1:]
     flat = code.astype(np.intp) * (hh * ww) + np.arange(hh * ww).reshape(1, hh, ww)
-    img = np.empty((T, H, W), dtype=np.float32)
-    img[:] = img0
-    img[:, r0:r1, c0:c1] = maps.reshape(-1)[flat]
-    labels = np.zeros((T, H, W), dtype=np.uint8)
-    labels[:, r0:r1, c0:c1] = lab
+    return maps.reshape(-1)[flat]
 
-    # ---- acquisition: blur, coil shading, Rician noise
+
+def acquire(img: np.ndarray, p: dict, x, y) -> np.ndarray:
+    """Point-spread blur, coil shading and Rician noise on ``(T, H, W)`` float32 -> int16 (in place)."""
+    from scipy.ndimage import gaussian_filter
+
     img = gaussian_filter(img, sigma=(0, p["psf_sigma_px"], p["psf_sigma_px"]))
     ca = math.radians(p["coil_angle_deg"])
     cx, cy = 140 * math.cos(ca), 140 * math.sin(ca)
@@ -755,7 +804,39 @@ def render(p: dict, geo: dict) -> tuple[np.ndarray, np.ndarray]:
     np.sqrt(img, out=img)
     np.rint(img, out=img)
     np.clip(img, 0, 4095, out=img)
-    return img.astype(np.int16), labels
+    return img.astype(np.int16)
+
+
+def frame_columns(geo: dict) -> dict:
+    """The geometry with per-frame arrays as ``(T, 1, 1)`` columns (scalars kept)."""
+    return {k: _col(val) if np.ndim(val) else val for k, val in geo.items()}
+
+
+def render(p: dict, geo: dict, timing: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cine intensities ``(T, H, W)`` int16 and labels ``(T, H, W)`` uint8 from the geometry
+    (``timing``, the cycle's events, is not needed here)."""
+    H, W = IMAGE_SHAPE
+    T = len(geo["b"])
+    tex = np.random.default_rng(p["texture_seed"])
+    x, y = image_plane(p)
+    eu, ev, U, V = heart_frame(p, x, y)
+    rows, cols = heart_box(p, geo, U, V)
+    u, v = U[None, rows, cols], V[None, rows, cols]
+    g = frame_columns(geo)
+    parts = heart_labels(p, g, u, v)
+    lab = parts["lab"]
+    fields = texture_fields(tex)
+    img0 = surroundings(p, geo, tex, fields, x, y, U, V, ev)["img"]
+    # compose by lookup: code per pixel -> value map per code (static maps in the heart frame)
+    code = lab.copy()                                   # 0 bg, 1 LV, 2 RV, 3 LA, 4 RA, 5 myo
+    code[fat_band(p, g, u, v, parts["heart"], fields["fat"])] = 6
+    code[parts["walls"] & (lab == 0)] = 7
+    img = np.empty((T, H, W), dtype=np.float32)
+    img[:] = img0
+    img[:, rows, cols] = lookup(code, tissue_maps(p, fields, u, v, img0[rows, cols]))
+    labels = np.zeros((T, H, W), dtype=np.uint8)
+    labels[:, rows, cols] = lab
+    return acquire(img, p, x, y), labels
 
 
 def wall_thickness_ed(geo: dict) -> tuple[float, float]:
@@ -767,7 +848,13 @@ def wall_thickness_ed(geo: dict) -> tuple[float, float]:
 
 def simulate(seed: int, index: int) -> dict:
     """Everything about one subject in memory (no files): params, ECGs, delineation, cine, masks."""
-    p = sample_params(seed, index)
+    return simulate_params(sample_params(seed, index), render)
+
+
+def simulate_params(p: dict, render_fn) -> dict:
+    """``simulate`` from given parameters ``p`` (seed and index in it), cine drawn by
+    ``render_fn(p, geometry, timing)``."""
+    seed, index = p["seed"], p["index"]
     streams = np.random.SeedSequence([seed, index, 1]).spawn(4)
     rng_rhythm = np.random.default_rng(streams[2])
     rng_noise = np.random.default_rng(streams[3])
@@ -778,7 +865,7 @@ def simulate(seed: int, index: int) -> dict:
     t_frames = np.arange(N_FRAMES) * tm["rr_ms"] / N_FRAMES
     vol = lv_area_fraction(t_frames, tm, p)
     geo = heart_geometry(p, vol)
-    cine, masks = render(p, geo)
+    cine, masks = render_fn(p, geo, tm)
     return {"params": p, "clean": clean, "ecg": noisy, "delineation": delin, "timing": tm,
             "t_frames_ms": t_frames, "lv_area_fraction": vol, "geometry": geo, "cine": cine, "masks": masks}
 
@@ -908,7 +995,7 @@ def write_ecg_xml(path: Path, ecg_mv: np.ndarray, m: dict, delin: dict, axes: di
     _atomic_write_bytes(path, "\n".join(parts).encode("ascii"))
 
 
-def nifti_affine(p: dict) -> np.ndarray:
+def nifti_affine(p: dict, shape=IMAGE_SHAPE) -> np.ndarray:
     """Voxel (i, j, k) -> scanner mm: an oblique four-chamber plane with the subject's pixel spacing."""
     jx, jy, jz = (math.radians(a) for a in p["plane_jitter_deg"])
     base = np.array([[0.60, -0.75, 0.28], [0.55, 0.62, 0.56], [-0.58, -0.23, 0.78]])   # rows: e_i, e_j, normal
@@ -922,7 +1009,7 @@ def nifti_affine(p: dict) -> np.ndarray:
         return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
 
     rot = rz(jz) @ rx(jx) @ rz(jy) @ rot
-    H, W = IMAGE_SHAPE
+    H, W = shape
     px = p["pixel_mm"]
     aff = np.eye(4)
     aff[:3, 0] = rot[:, 0] * px
@@ -938,7 +1025,7 @@ def write_nifti(path: Path, frames: np.ndarray, p: dict, frame_ms: float) -> Non
     import nibabel as nib
 
     data = np.ascontiguousarray(np.transpose(frames, (1, 2, 0))[:, :, None, :])
-    img = nib.Nifti1Image(data, nifti_affine(p))
+    img = nib.Nifti1Image(data, nifti_affine(p, frames.shape[1:]))
     img.header.set_xyzt_units("mm", "msec")
     zooms = img.header.get_zooms()
     img.header.set_zooms(tuple(zooms[:3]) + (float(frame_ms),))
@@ -978,7 +1065,16 @@ def _paths(out: Path, sid: str) -> dict:
             "mask": out / "masks" / f"{sid}.nii.gz", "truth": out / "truth" / f"{sid}.json"}
 
 
-def _is_done(out: Path, seed: int, index: int) -> bool:
+def _prevalence(version: int, prevalence) -> list[float] | None:
+    """The class shares a version draws from (None: version 1's fixed 2:1:1 blocks)."""
+    if version == 1:
+        return None
+    from .phantom_v2 import DEFAULT_PREVALENCE
+
+    return [float(x) for x in (DEFAULT_PREVALENCE if prevalence is None else prevalence)]
+
+
+def _is_done(out: Path, seed: int, index: int, version: int = GENERATOR_VERSION, prevalence=None) -> bool:
     paths = _paths(out, subject_id(index))
     if not all(path.is_file() for path in paths.values()):
         return False
@@ -986,14 +1082,23 @@ def _is_done(out: Path, seed: int, index: int) -> bool:
         params = json.loads(paths["truth"].read_text())["params"]
     except (OSError, ValueError, KeyError):
         return False
-    return params.get("seed") == seed and params.get("generator_version") == GENERATOR_VERSION
+    return (params.get("seed") == seed and params.get("generator_version") == version
+            and params.get("prevalence") == _prevalence(version, prevalence))
 
 
-def generate_subject(out_dir: str | Path, seed: int, index: int) -> dict:
-    """Simulate one subject and write its four files (the truth json last). Returns the truth."""
+def generate_subject(out_dir: str | Path, seed: int, index: int, version: int = GENERATOR_VERSION,
+                     prevalence=None) -> dict:
+    """Simulate one subject with phantom ``version`` (1 or 2; ``prevalence``: version 2's class
+    shares) and write its four files (the truth json last). Returns the truth."""
     out = Path(out_dir)
-    sim = simulate(seed, index)
-    truth = ground_truth(sim)
+    if version == 1:
+        sim = simulate(seed, index)
+        truth = ground_truth(sim)
+    else:
+        from . import phantom_v2
+
+        sim = phantom_v2.simulate(seed, index, _prevalence(version, prevalence))
+        truth = phantom_v2.ground_truth(sim)
     truth["axes_deg"] = _frontal_axes(sim["clean"], sim["delineation"])
     paths = _paths(out, truth["manifest"]["subject_id"])
     write_ecg_xml(paths["ecg"], sim["ecg"], truth["manifest"], sim["delineation"], truth["axes_deg"])
@@ -1014,8 +1119,8 @@ def _worker_init() -> None:
 
 
 def _work(args) -> int:
-    out, seed, index = args
-    generate_subject(out, seed, index)
+    out, seed, index, version, prevalence = args
+    generate_subject(out, seed, index, version, prevalence)
     return index
 
 
@@ -1055,17 +1160,20 @@ def write_manifest(out_dir: str | Path, n: int, indices=None, ecg_only: bool = F
     return path
 
 
-def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, progress: bool) -> None:
+def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, progress: bool,
+                      version: int = GENERATOR_VERSION, prevalence=None) -> None:
     """Write the subjects ``indices`` not yet done under ``out`` (resumable, any number of workers)."""
+    if version not in VERSIONS:
+        raise ValueError(f"phantom: version must be one of {VERSIONS}, got {version}")
     for sub in ("ecg", "cmr", "masks", "truth"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    todo = [i for i in indices if not _is_done(out, seed, i)]
+    todo = [i for i in indices if not _is_done(out, seed, i, version, prevalence)]
     if not todo:
         return
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), desc=f"phantom -> {out}", unit="subject", disable=not progress)
-    jobs = [(str(out), seed, i) for i in todo]
+    jobs = [(str(out), seed, i, version, prevalence) for i in todo]
     workers = max(1, min(int(workers), len(todo)))
     if workers == 1:
         for job in jobs:
@@ -1086,20 +1194,24 @@ def _generate_indices(out: Path, seed: int, indices: list[int], workers: int, pr
     bar.close()
 
 
-def generate(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
+def generate(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True,
+             version: int = GENERATOR_VERSION, prevalence=None) -> Path:
     """Write ``n`` phantom subjects under ``out_dir`` and return the manifest path.
 
     Deterministic per (seed, subject index) whatever ``workers`` is. Resumable: subjects whose
-    files (and truth json for this seed) exist are kept; the manifest is rebuilt at the end.
+    files (and truth json for this seed, version and prevalence) exist are kept; the manifest is
+    rebuilt at the end. ``version`` 2 (``phantom_v2``) draws classes with ``prevalence``
+    (normal, dilated, hypertrophic; default 0.8, 0.1, 0.1) and writes a ``phantom_version`` column.
     """
     if n < 1:
         raise ValueError(f"phantom: n must be >= 1, got {n}")
     out = Path(out_dir)
-    _generate_indices(out, seed, list(range(n)), workers, progress)
+    _generate_indices(out, seed, list(range(n)), workers, progress, version, prevalence)
     return write_manifest(out, n)
 
 
-def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
+def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True,
+                      version: int = GENERATOR_VERSION, prevalence=None) -> Path:
     """Write ``n`` ECG-only subjects (indices ``POOL_START``..) under ``out_dir/ecg_only`` and return
     their manifest: ``subject_id, ecg_path, oracle_cmr_path, oracle_mask_path`` + ground truth.
 
@@ -1110,7 +1222,7 @@ def generate_ecg_only(out_dir: str | Path, n: int, seed: int = 0, workers: int =
         raise ValueError(f"phantom: the ECG-only pool needs n >= 1, got {n}")
     out = Path(out_dir) / POOL_DIR
     indices = list(range(POOL_START, POOL_START + n))
-    _generate_indices(out, seed, indices, workers, progress)
+    _generate_indices(out, seed, indices, workers, progress, version, prevalence)
     return write_manifest(out, n, indices=indices, ecg_only=True)
 
 
@@ -1125,14 +1237,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ecg-only", type=int, default=0, metavar="M",
                         help=f"also write M ECG-only subjects under OUT/{POOL_DIR}/ (their cines for the oracle "
                              "only); the paired subjects do not change")
+    parser.add_argument("--version", type=int, default=GENERATOR_VERSION, choices=VERSIONS,
+                        help="phantom version: 1 (default) or 2 (UK Biobank-like, see docs/phantom_realism.md)")
+    parser.add_argument("--prevalence", default=None, metavar="N,D,H",
+                        help="version 2: shares of normal, dilated, hypertrophic subjects (default 0.8,0.1,0.1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    prevalence = None
+    if args.prevalence:
+        prevalence = [float(x) for x in args.prevalence.split(",")]
+        if len(prevalence) != 3 or min(prevalence) < 0 or abs(sum(prevalence) - 1) > 1e-6:
+            parser.error("--prevalence needs three non-negative shares summing to 1, e.g. 0.8,0.1,0.1")
     start = time.perf_counter()
-    manifest = generate(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet)
+    manifest = generate(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet,
+                        version=args.version, prevalence=prevalence)
     print(f"wrote {manifest} ({args.n} subjects) in {time.perf_counter() - start:.1f} s")
     if args.ecg_only > 0:
         pool = generate_ecg_only(args.out, args.ecg_only, seed=args.seed, workers=args.workers,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, version=args.version, prevalence=prevalence)
         print(f"wrote {pool} ({args.ecg_only} ECG-only subjects)")
     return 0
 

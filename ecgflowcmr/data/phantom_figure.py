@@ -122,7 +122,8 @@ def make_figure(root: Path, sid: str, out: Path, n_strip: int = 8) -> Path:
     ax1.plot(t_ecg[sel], ecg[1, sel], lw=0.9, label="II")
     ax1.plot(t_ecg[sel], ecg[10, sel] - 1.5, lw=0.9, label="V5 (-1.5 mV)")
     events = [(r0, "R", "tab:red"), (r0 + rr, "R", "tab:red"),
-              (r0 + tm["es_ms"] / 1000, "T end = ES", "tab:purple"),
+              *([(r0 + m["t_end_ms"] / 1000, "T end", "tab:brown"), (r0 + tm["es_ms"] / 1000, "ES", "tab:purple")]
+                if "t_end_ms" in m else [(r0 + tm["es_ms"] / 1000, "T end = ES", "tab:purple")]),
               (r0 + tm["p_on_next_ms"] / 1000, "P on", "tab:green"),
               (r0 + tm["atrial_kick_start_ms"] / 1000, "atrial kick", "tab:olive")]
     for t, label, color in events:

@@ -4,7 +4,10 @@
 
 1. Finds the manifest: ``data.manifest``, or, when that is "" (the default), the phantom's
    ``<phantom_dir>/manifest.csv``, generating the phantom first if it is missing or holds another
-   number of subjects than ``data.phantom_n`` (phantom generation itself resumes).
+   number of subjects than ``data.phantom_n`` (phantom generation itself resumes), with
+   ``data.phantom_version`` (and, for version 2, ``data.phantom_prevalence``). A manifest written by
+   another phantom version than the config's is refused (its ``phantom_version`` column; a phantom
+   manifest without one is version 1); ``meta.json`` records the version (null for other data).
 2. Reads every record in worker processes (``data.workers``; 0 or 1 = in this process; at most
    4 records per worker in flight, results taken in manifest order): the ECG
    (``ecg_io.read_ecg``, 10 s at 500 Hz), its R-peaks (``phase.detect_rpeaks``), the cine
@@ -100,6 +103,7 @@ def _prepare_paired(cfg, max_records: int | None, progress: bool) -> Path:
     root = Path(cfg.data_root)
     manifest_path = _ensure_manifest(cfg)
     table = read_manifest(manifest_path)
+    phantom_version = check_phantom_version(table, manifest_path, cfg)
     fingerprint = _fingerprint(manifest_path, cfg)
     split_params = {"fractions": list(cfg.data.split_fractions), "seed": int(cfg.data.split_seed)}
     use_masks = _use_masks(table, manifest_path)
@@ -122,7 +126,7 @@ def _prepare_paired(cfg, max_records: int | None, progress: bool) -> Path:
     if len(state.done) < len(table):
         log.info("stopped with %d of %d records done; re-run to continue", len(state.done), len(table))
         return root
-    _finalise(state, table, manifest_path, split_params, use_masks)
+    _finalise(state, table, manifest_path, split_params, use_masks, phantom_version)
     return root
 
 
@@ -150,7 +154,9 @@ def _ensure_manifest(cfg) -> Path:
             raise FileNotFoundError(f"manifest '{manifest}' (data.manifest) not found")
         return manifest
     if manifest.is_file():
-        rows = len(read_manifest(manifest))
+        table = read_manifest(manifest)
+        check_phantom_version(table, manifest, cfg)       # before a regeneration could mix versions
+        rows = len(table)
         if rows == cfg.data.phantom_n:
             return manifest
         log.info("phantom manifest '%s' has %d subjects, data.phantom_n is %d: updating the phantom",
@@ -160,10 +166,34 @@ def _ensure_manifest(cfg) -> Path:
                  manifest, cfg.data.phantom_n, cfg.phantom_path)
     from .phantom import generate
 
-    generate(cfg.phantom_path, cfg.data.phantom_n, cfg.data.phantom_seed, workers=cfg.data.workers)
+    generate(cfg.phantom_path, cfg.data.phantom_n, cfg.data.phantom_seed, workers=cfg.data.workers,
+             version=cfg.data.phantom_version, prevalence=cfg.data.phantom_prevalence)
     if not manifest.is_file():
         raise PrepareError(f"phantom generation did not write '{manifest}'")
     return manifest
+
+
+def manifest_phantom_version(table, is_phantom: bool) -> int | None:
+    """The phantom version that wrote a manifest: its ``phantom_version`` column; version 1 wrote
+    none, so a phantom's manifest without the column is version 1, any other manifest None."""
+    if "phantom_version" not in table.columns:
+        return 1 if is_phantom else None
+    values = set(table["phantom_version"].dropna().astype(int))
+    if len(values) != 1:
+        raise PrepareError(f"manifest column phantom_version holds {sorted(values)}: one phantom version per manifest")
+    return values.pop()
+
+
+def check_phantom_version(table, manifest_path: Path, cfg) -> int | None:
+    """The manifest's phantom version (None for data that is not the phantom's); a version other
+    than ``data.phantom_version`` is an error."""
+    version = manifest_phantom_version(table, is_phantom=not cfg.data.manifest)
+    if version is not None and version != cfg.data.phantom_version:
+        raise PrepareError(
+            f"manifest '{manifest_path}' was written by phantom version {version}, but data.phantom_version is "
+            f"{cfg.data.phantom_version}. Set data.phantom_version={version} to use it, or point data.phantom_dir "
+            f"(and data.root) at another folder to generate and prepare version {cfg.data.phantom_version}.")
+    return version
 
 
 def read_manifest(path: str | Path):
@@ -216,8 +246,10 @@ def _resolve(manifest_path: Path, value: str) -> Path:
 
 def _fingerprint(manifest_path: Path | bytes, cfg) -> str:
     digest = hashlib.sha256(manifest_path if isinstance(manifest_path, bytes) else Path(manifest_path).read_bytes())
-    digest.update(json.dumps({"format": FORMAT_VERSION,
-                              "tolerance": cfg.data.ecg_length_tolerance_s}).encode())
+    settings = {"format": FORMAT_VERSION, "tolerance": cfg.data.ecg_length_tolerance_s}
+    if cfg.data.crop_mm > 0:            # only then: datasets prepared before the key existed keep theirs
+        settings["crop_mm"] = cfg.data.crop_mm
+    digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:16]
 
 
@@ -397,7 +429,7 @@ def _process(state: _State, table, manifest_path: Path, pending: list[int], cfg,
         else:
             cmr = None      # an ECG-only record
         mask = str(_resolve(manifest_path, row["mask_path"])) if use_masks else None
-        tasks.append((i, row["subject_id"], ecg, cmr, mask, tolerance))
+        tasks.append((i, row["subject_id"], ecg, cmr, mask, tolerance, float(cfg.data.crop_mm)))
     workers = max(0, int(cfg.data.workers))
     fds = {n: os.open(state.root / f"{n}.npy", os.O_RDWR) for n in state.names}
     kept = rejected = 0
@@ -497,7 +529,7 @@ def process_record(task) -> dict:
     raises: failures come back as ``{"ok": False, "file": ..., "reason": ...}``."""
     from ..ecg.phase import RPeakError, detect_rpeaks
 
-    i, subject_id, ecg_path, cmr_path, mask_path, tolerance = task
+    i, subject_id, ecg_path, cmr_path, mask_path, tolerance, crop_mm = task
     out = {"i": i, "subject_id": subject_id, "ok": False, "warnings": [], "ecg_file": ecg_path,
            "cmr_file": cmr_path or "", "mask_file": mask_path or ""}
     current = ecg_path
@@ -520,7 +552,7 @@ def process_record(task) -> dict:
                 out.update(ok=True)
                 return _with_warnings(out, caught, ecg_path)
             current = cmr_path
-            cine, box = read_cine(cmr_path, return_box=True)
+            cine, box = read_cine(cmr_path, return_box=True, crop_mm=crop_mm)
             if mask_path is not None:
                 current = mask_path
                 out["masks"] = read_mask(mask_path, box)
@@ -670,7 +702,8 @@ def _finalise_records(state: _State, table, manifest_path: Path) -> list[dict]:
     return kept
 
 
-def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use_masks: bool) -> None:
+def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use_masks: bool,
+              phantom_version: int | None = None) -> None:
     root = state.root
     kept = _finalise_records(state, table, manifest_path)
     n, rejected = len(kept), len(table) - len(kept)
@@ -678,7 +711,8 @@ def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use
     meta = {"n": n, "ecg_fs": TARGET_FS, "num_frames": NUM_FRAMES, "image_size": IMAGE_SIZE,
             "leads": LEADS, "masks": use_masks, "max_rpeaks": max_r, "rejected": rejected,
             "manifest": str(manifest_path), "fingerprint": json.loads((root / "meta.json").read_text())
-            ["fingerprint"], "format_version": FORMAT_VERSION, "complete": False}
+            ["fingerprint"], "format_version": FORMAT_VERSION, "phantom_version": phantom_version,
+            "complete": False}
     _write_tables(root, table, manifest_path, split_params, meta, rewrite_splits_only=False,
                   kept_rows=[e["i"] for e in kept])
     shutil.rmtree(root / WORK_DIR, ignore_errors=True)

@@ -59,7 +59,8 @@ def ensure_pool_files(cfg, log=print) -> str:
         from ..data.phantom import generate_ecg_only
 
         log(f"downstream: writing {ds.pool_n} ECG-only phantom subjects under {manifest.parent}")
-        generate_ecg_only(cfg.phantom_path, ds.pool_n, seed=cfg.data.phantom_seed, workers=cfg.data.workers)
+        generate_ecg_only(cfg.phantom_path, ds.pool_n, seed=cfg.data.phantom_seed, workers=cfg.data.workers,
+                          version=cfg.data.phantom_version, prevalence=cfg.data.phantom_prevalence)
     elif have == 0:
         raise DownstreamDataError(
             f"no ECG-only pool: '{manifest}' is missing. Set downstream.pool to a folder or manifest of ECGs, "
