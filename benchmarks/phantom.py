@@ -61,6 +61,8 @@ TRAINED = {
     "no_template": (["flow.anchor=template", "flow.use_template=false"], False),  # z0 = eps: no anchor at all
     "no_motion_weight": (["flow.motion_weight=0"], False),
     "alpha_0.25": (["flow.alpha=0.25"], False),
+    "alpha_0.25_seed_1": (["flow.alpha=0.25", "seed=1"], False),   # is alpha 0.25 beyond the seed spread?
+    "alpha_0.25_seed_2": (["flow.alpha=0.25", "seed=2"], False),
     "alpha_1.0": (["flow.alpha=1.0"], False),
     "alpha_1.0_residual_frame": (["flow.alpha=1.0", "flow.anchor_residual=true"], False),
     "residual_frame": (["flow.anchor_residual=true"], False),    # the DiT reads z_t - head(ECG), not z_t
