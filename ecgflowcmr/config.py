@@ -347,6 +347,33 @@ def section_from_dict(section: str, values: dict) -> Any:
     return obj
 
 
+def config_diffs(old: dict, new: dict, section: str, resumable: set[str] | frozenset[str] = frozenset(),
+                 also: tuple[str, ...] = ("seed",)) -> list[str]:
+    """The differences between a checkpoint's config ``old`` and this run's ``new`` (``to_dict()``s)
+    that make them different runs: the keys of ``section`` except ``resumable``, and the dotted keys
+    ``also``. A key the checkpoint predates counts as its default (new keys default to the old behaviour)."""
+    defaults = Config().to_dict()
+
+    def get(tree: dict, dotted: str):
+        *parents, key = dotted.split(".")
+        node, fallback = tree, defaults
+        for name in parents:
+            node, fallback = node.get(name, {}), fallback[name]
+        return node.get(key, fallback[key])
+
+    keys = [f"{section}.{k}" for k in new[section] if k not in resumable] + list(also)
+    return [f"{key}: {get(old, key)!r} -> {get(new, key)!r}" for key in keys if get(old, key) != get(new, key)]
+
+
+def refuse_other_config(ckpt: dict, cfg: "Config", path, section: str, resumable: set[str],
+                        also: tuple[str, ...] = ("seed",), advice: str = "Pass --fresh to start over") -> None:
+    """Raise ``ConfigError`` naming every key in which ``cfg`` differs from the run ``ckpt`` belongs to."""
+    diffs = config_diffs(ckpt.get("config", {}), cfg.to_dict(), section, resumable, also)
+    if diffs:
+        raise ConfigError(f"'{path}' was written with a different configuration ({'; '.join(diffs)}). "
+                          f"{advice}, or choose another run_dir=.")
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["flow.lr=2e-4", "device=cpu"]`` -> nested dict with YAML-parsed values."""
     nested: dict = {}
