@@ -155,8 +155,8 @@ class Trainer:
             set_rng_state(per_rank[rank])
         if stage.generator is None:
             return
-        saved = extra.get(stage.rng_key) or []
-        saved = saved if isinstance(saved, list) else [saved]
+        saved = extra.get(stage.rng_key, [])
+        saved = saved if isinstance(saved, list) else [saved]          # older checkpoints: one state
         if len(saved) == world and saved[rank].numel() == stage.generator.get_state().numel():
             stage.generator.set_state(saved[rank])
         else:
