@@ -143,9 +143,9 @@ class ECGStage(Stage):
     def extra(self) -> dict:
         return {"encoder_hash": state_hash(self.model.encoder.state_dict())}
 
-    def on_epoch_end(self, record: dict, stopping: bool, finished: bool) -> None:
+    def on_epoch_end(self, record: dict, validated: bool, stopping: bool, finished: bool) -> None:
         """Figures after a validation: at the end of the run and at most every FIGURE_INTERVAL_S before."""
-        if "val_loss" in record and (stopping or time.time() - self.last_figures > FIGURE_INTERVAL_S):
+        if validated and (stopping or time.time() - self.last_figures > FIGURE_INTERVAL_S):
             _figures(self.model, self.val_set, self.out_dir, self.device, self.e.cycle_mode, record["epoch"])
             self.last_figures = time.time()
 

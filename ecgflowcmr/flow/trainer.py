@@ -568,7 +568,7 @@ class FlowStage(Stage):
                 raise RuntimeError(f"cannot resume '{path}': its {key} {extra[key]} differs from the current "
                                    f"stage-1/2 outputs ({now}). Start over with --fresh.")
 
-    def on_epoch_end(self, record: dict, stopping: bool, finished: bool) -> None:
+    def on_epoch_end(self, record: dict, validated: bool, stopping: bool, finished: bool) -> None:
         fl, epoch = self.fl, record["epoch"]
         if fl.sample_every <= 0 or len(self.inputs.splits["val"]) == 0:
             return

@@ -92,8 +92,9 @@ class Stage:
         """The log line of an epoch record."""
         return " ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
 
-    def on_epoch_end(self, record: dict, stopping: bool, finished: bool) -> None:
-        """Figures / previews (rank 0, after validation, before the checkpoint is written)."""
+    def on_epoch_end(self, record: dict, validated: bool, stopping: bool, finished: bool) -> None:
+        """Figures / previews (rank 0, after validation, before the checkpoint is written).
+        ``finished``: the epoch ran to its end (else ``max_steps`` stopped it)."""
 
 
 @dataclass
@@ -213,7 +214,7 @@ class Trainer:
         batches = itertools.islice(iter(self.loader), s.epoch_step, None)       # exact resume inside an epoch
         bar = tqdm(batches, total=self.steps_per_epoch, initial=s.epoch_step, disable=not udist.is_main(),
                    desc=f"{stage.name} epoch {s.epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
-        sums: dict[str, torch.Tensor] = {}          # on the device: reading one waits for it
+        sums: dict[str, torch.Tensor | float] = {}  # tensors stay on the device: reading one waits for it
         count = 0
         for batch in bar:
             stats = stage.train_step(batch, s.step)
@@ -223,7 +224,7 @@ class Trainer:
                 stage.ema.update(stage.model)
             for key, value in stats.items():
                 if stage.epoch_means is None or key in stage.epoch_means:
-                    value = torch.as_tensor(value).detach().to(self.device, torch.float64)
+                    value = value.detach().double() if torch.is_tensor(value) else float(value)
                     sums[key] = sums[key] + value if key in sums else value
             self._after_step(stats, bar)
             if cfg.max_steps and s.step >= cfg.max_steps:
@@ -273,7 +274,7 @@ class Trainer:
         self.log.info("%s epoch %d step %d: %s%s", stage.name, s.epoch, s.step, stage.describe(record),
                       " (best)" if improved else "")
         if udist.is_main():
-            stage.on_epoch_end(record, stopping, finished)
+            stage.on_epoch_end(record, validated, stopping, finished)
         self.save(best=improved or not self.best_path.is_file())
         udist.barrier()
 
