@@ -485,7 +485,7 @@ class FlowStage(Stage):
         fl = self.fl = cfg.flow
         self.cfg, self.inputs, self.device, self.out = cfg, inputs, device, out
         self.anchor_head, self.anchor_fit = anchor_head, anchor_fit
-        self.amp = fl.amp and device.type == "cuda"
+        self.amp = fl.amp                         # autocast() is bf16 on CUDA only
         self.dit = build_dit(fl, inputs.latent_shape, ecg_dim=inputs.ecg_dim, ecg_tokens=cfg.ecg.num_tokens)
         self.model = FlowModel(self.dit, inputs.encoder if fl.ecg_finetune else None).to(device)
         self.ema = EMA(self.model, fl.ema_decay)
