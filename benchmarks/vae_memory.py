@@ -81,7 +81,7 @@ def main(argv=None) -> None:
         "gan": trainer.use_gan, "lpips": trainer.lpips is not None,
         "rss_before_step_GiB": round(before / 2**30, 2), "peak_rss_GiB": round(peak / 2**30, 2),
         "step_added_GiB": round((peak - before) / 2**30, 2),
-        "step_wall_s": round(wall, 1), "step_cpu_s": round(cpu, 1), "loss": round(stats["loss"], 4),
+        "step_wall_s": round(wall, 1), "step_cpu_s": round(cpu, 1), "loss": round(float(stats["loss"]), 4),
     }
     if device.type == "cuda":
         out["cuda_peak_allocated_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

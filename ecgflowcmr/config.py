@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from . import contract
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or an impossible value."""
@@ -61,10 +63,10 @@ class DataConfig:
                                     # normal / dilated / hypertrophic shares (version 1 is 2:1:1 by design)
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/val/test
     split_seed: int = 0
-    num_frames: int = 50            # cine frames per R-R cycle (contract: 50)
-    image_size: int = 96            # cine H = W (contract: 96)
-    ecg_fs: int = 500               # Hz (contract: 500)
-    ecg_seconds: float = 10.0       # (contract: 10 s -> 5000 samples)
+    num_frames: int = contract.NUM_FRAMES    # cine frames per R-R cycle (fixed by the contract)
+    image_size: int = contract.IMAGE_SIZE    # cine H = W (fixed)
+    ecg_fs: int = contract.ECG_FS            # Hz (fixed)
+    ecg_seconds: float = contract.ECG_SECONDS  # (fixed: 10 s -> 5000 samples)
     ecg_length_tolerance_s: float = 0.5  # records within this of 10 s are cropped/padded; else refused
     crop_mm: float = 0.0            # cine crop around the heart: 0 = 0.75 of the shorter image side; > 0 = a
                                     # square of this many mm (NIfTI pixel size), one physical scale for any FOV
@@ -342,6 +344,42 @@ def _fill(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_type(dotted, value, hints[key]))
 
 
+def section_from_dict(section: str, values: dict) -> Any:
+    """The validated ``Config`` section ``section`` ("ecg", "vae", ...) from a checkpoint's stored
+    ``config[section]``: how a model is rebuilt with the constructor arguments it was trained with.
+    Keys a checkpoint predates keep their defaults; an unknown key is an error naming it."""
+    obj = getattr(Config(), section)
+    _fill(obj, dict(values), section + ".")
+    return obj
+
+
+def config_diffs(old: dict, new: dict, section: str, resumable: set[str] | frozenset[str] = frozenset(),
+                 also: tuple[str, ...] = ("seed",)) -> list[str]:
+    """The differences between a checkpoint's config ``old`` and this run's ``new`` (``to_dict()``s)
+    that make them different runs: the keys of ``section`` except ``resumable``, and the dotted keys
+    ``also``. A key the checkpoint predates counts as its default (new keys default to the old behaviour)."""
+    defaults = Config().to_dict()
+
+    def get(tree: dict, dotted: str):
+        *parents, key = dotted.split(".")
+        node, fallback = tree, defaults
+        for name in parents:
+            node, fallback = node.get(name, {}), fallback[name]
+        return node.get(key, fallback[key])
+
+    keys = [f"{section}.{k}" for k in new[section] if k not in resumable] + list(also)
+    return [f"{key}: {get(old, key)!r} -> {get(new, key)!r}" for key in keys if get(old, key) != get(new, key)]
+
+
+def refuse_other_config(ckpt: dict, cfg: "Config", path, section: str, resumable: set[str],
+                        also: tuple[str, ...] = ("seed",), advice: str = "Pass --fresh to start over") -> None:
+    """Raise ``ConfigError`` naming every key in which ``cfg`` differs from the run ``ckpt`` belongs to."""
+    diffs = config_diffs(ckpt.get("config", {}), cfg.to_dict(), section, resumable, also)
+    if diffs:
+        raise ConfigError(f"'{path}' was written with a different configuration ({'; '.join(diffs)}). "
+                          f"{advice}, or choose another run_dir=.")
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["flow.lr=2e-4", "device=cpu"]`` -> nested dict with YAML-parsed values."""
     nested: dict = {}
@@ -401,10 +439,13 @@ def _validate(cfg: Config) -> None:
     _require(len(d.split_fractions) == 3 and all(x >= 0 for x in d.split_fractions)
              and abs(sum(d.split_fractions) - 1) < 1e-6,
              "data.split_fractions", "must be three non-negative numbers summing to 1")
-    _require(d.num_frames == 50, "data.num_frames", "the cine contract is 50 frames per R-R cycle")
-    _require(d.image_size == 96, "data.image_size", "the cine contract is 96 x 96")
-    _require(d.ecg_fs == 500, "data.ecg_fs", "the ECG contract is 500 Hz")
-    _require(d.ecg_seconds == 10.0, "data.ecg_seconds", "the ECG contract is 10 s")
+    _require(d.num_frames == contract.NUM_FRAMES, "data.num_frames",
+             f"the cine contract is {contract.NUM_FRAMES} frames per R-R cycle")
+    _require(d.image_size == contract.IMAGE_SIZE, "data.image_size",
+             f"the cine contract is {contract.IMAGE_SIZE} x {contract.IMAGE_SIZE}")
+    _require(d.ecg_fs == contract.ECG_FS, "data.ecg_fs", f"the ECG contract is {contract.ECG_FS} Hz")
+    _require(d.ecg_seconds == contract.ECG_SECONDS, "data.ecg_seconds",
+             f"the ECG contract is {contract.ECG_SECONDS:g} s")
     _require(d.phantom_n >= 1, "data.phantom_n", "must be >= 1")
     _require(d.phantom_version in (1, 2), "data.phantom_version", f"must be 1 or 2, got {d.phantom_version}")
     _require(len(d.phantom_prevalence) == 3 and all(x >= 0 for x in d.phantom_prevalence)
@@ -504,7 +545,8 @@ def _validate_downstream(ds: "DownstreamConfig") -> None:
     _require(ds.tubelet >= 1, key + "tubelet", "must be >= 1")
     _require(ds.patch >= 1 and ds.image_size % ds.patch == 0, key + "image_size",
              f"must be a multiple of downstream.patch={ds.patch}")
-    _require(ds.image_size <= 96, key + "image_size", "cines are 96 x 96: must be <= 96")
+    _require(ds.image_size <= contract.IMAGE_SIZE, key + "image_size",
+             f"cines are {contract.IMAGE_SIZE} x {contract.IMAGE_SIZE}: must be <= {contract.IMAGE_SIZE}")
     _require(ds.width % ds.heads == 0, key + "width", f"must be divisible by downstream.heads={ds.heads}")
     _require(ds.decoder_width % ds.decoder_heads == 0, key + "decoder_width",
              f"must be divisible by downstream.decoder_heads={ds.decoder_heads}")

@@ -184,7 +184,11 @@ def test_residual_input_moves_the_network_into_the_anchors_frame():
 
 
 def test_a_checkpoint_that_predates_a_lever_key_resumes_as_its_default():
-    from ecgflowcmr.flow.trainer import _config_diffs
+    from ecgflowcmr.config import config_diffs
+    from ecgflowcmr.flow.trainer import RESUMABLE_KEYS, RESUME_ALSO
+
+    def _config_diffs(old, new):
+        return config_diffs(old, new, "flow", RESUMABLE_KEYS, RESUME_ALSO)
 
     new = load_config("configs/demo.yaml", ["flow.anchor=template", "flow.alpha=1.0", "flow.motion_weight=0"]).to_dict()
     old = json.loads(json.dumps(new))

@@ -235,3 +235,25 @@ def test_pamae_training_runs_its_forward_in_bf16(cpu_bf16, monkeypatch, tmp_path
     state = torch.load(tmp_path / "run" / "ecg" / "last.pt", weights_only=True)["model"]
     assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all())
                for v in state.values() if v.is_floating_point())
+
+
+def test_flow_stage_trains_and_validates_in_bf16_with_fp32_weights(cpu_bf16, monkeypatch, tmp_path):
+    from .flow_fakes import build_run, tiny_config, use_bridges
+
+    use_bridges(monkeypatch, real_ecg=False, real_vae=False)
+    cpu_bf16(flow_trainer)
+    dtypes, real_build = [], flow_trainer.build_dit
+
+    def build_dit(*args, **kwargs):
+        dit = real_build(*args, **kwargs)
+        dtypes.append(_record_dtypes(dit, torch.nn.Linear))
+        return dit
+
+    monkeypatch.setattr(flow_trainer, "build_dit", build_dit)
+    run = build_run(tmp_path / "run", n=6, real_ecg=False, real_vae=False)
+    summary = flow_trainer.train(tiny_config(run, "flow.max_steps=1", "flow.sample_every=0"))
+    assert set(dtypes[0]) == {torch.bfloat16}                  # training step (EMA copy: validation)
+    assert np.isfinite(summary["first_train_loss"]) and np.isfinite(summary["history"][-1]["val_loss"])
+    ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
+    for key in ("model", "ema"):
+        assert all(v.dtype == torch.float32 for v in ckpt[key].values() if v.is_floating_point()), key

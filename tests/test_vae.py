@@ -176,9 +176,9 @@ def test_generator_step_leaves_discriminator_alone_and_clipping_is_per_network(t
     clipped = []
     original_clip = trainer_mod.clip_grad
     monkeypatch.setattr(trainer_mod, "clip_grad",
-                        lambda params, max_norm: clipped.append({id(p) for p in params}) or original_clip(
+                        lambda params, max_norm, **kw: clipped.append({id(p) for p in params}) or original_clip(
                             [p for p in trainer.model.parameters() if id(p) in clipped[-1]]
-                            + [p for p in trainer.disc.parameters() if id(p) in clipped[-1]], max_norm))
+                            + [p for p in trainer.disc.parameters() if id(p) in clipped[-1]], max_norm, **kw))
     disc_grads_after_g = []
     original_zero = trainer.opt_d.zero_grad
 
@@ -210,10 +210,10 @@ def test_resume_gives_the_same_next_losses(tmp_path, monkeypatch):
                       TINY + common + [f"run_dir={tmp_path / 'run'}", f"data.root={data}"])
     original = trainer_mod.VAETrainer.train_step
 
-    def crash_at_step_5(self, cine):
-        if self.step == 4:
+    def crash_at_step_5(self, cine, step=None):
+        if step == 4:
             raise KeyboardInterrupt("simulated interruption")
-        return original(self, cine)
+        return original(self, cine, step)
 
     monkeypatch.setattr(trainer_mod.VAETrainer, "train_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):

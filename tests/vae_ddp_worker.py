@@ -28,7 +28,7 @@ def main(config: str, out_path: str, *overrides: str) -> None:
     gen = torch.Generator().manual_seed(100 + dist.rank())
     stats = [trainer.train_step(torch.rand(1, 1, 50, 96, 96, generator=gen) * 2 - 1) for _ in range(2)]
     result = {"world": dist.world_size(), "gan": [trainer.gan_active(s) for s in (0, 1)],
-              "d_loss": [s["d_loss"] for s in stats]}
+              "d_loss": [float(s["d_loss"]) for s in stats]}
     for name, module in (("vae", trainer.model), ("disc", trainer.disc)):
         mine = flat(module)
         gathered = [torch.zeros_like(mine) for _ in range(dist.world_size())]

@@ -42,8 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-NUM_FRAMES = 50
-IMAGE_SIZE = 96
+from ..contract import IMAGE_SIZE, NUM_FRAMES
+
 MIN_FRAMES = 10            # fewer frames cannot describe one cardiac cycle
 MIN_SIDE = 32              # smaller images are refused
 CROP_FRACTION = 0.75       # box side as a fraction of the shorter image side (see module doc)

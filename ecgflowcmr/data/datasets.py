@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+from ..contract import LEADS  # noqa: F401  (re-exported: the lead order of ecg.npy)
+
 MASK_LABELS = {0: "background", 1: "LV", 2: "RV", 3: "LA", 4: "RA", 5: "myocardium"}
 SPLITS = ("train", "val", "test")
 

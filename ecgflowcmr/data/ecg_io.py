@@ -41,11 +41,8 @@ from typing import Mapping
 
 import numpy as np
 
-# Contract (DESIGN.md section 3); equal to ecgflowcmr.data.datasets.LEADS (kept torch-free here).
-LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
-TARGET_FS = 500
-TARGET_SECONDS = 10.0
-TARGET_LENGTH = int(TARGET_FS * TARGET_SECONDS)  # 5000
+from ..contract import ECG_FS as TARGET_FS, ECG_SAMPLES as TARGET_LENGTH, ECG_SECONDS as TARGET_SECONDS, LEADS
+
 DEFAULT_FS = 500.0          # rate assumed for .npy / .csv when fs is not given
 MIN_FS = 100.0              # below this a QRS complex is not resolved
 FLAT_STD_MV = 0.005         # a lead whose standard deviation is below 5 uV is a flat line

@@ -67,12 +67,10 @@ from pathlib import Path
 
 import numpy as np
 
-LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from ecgflowcmr.contract import ECG_FS as FS, ECG_SAMPLES as N_SAMPLES, LEADS, NUM_FRAMES as N_FRAMES
+
 CLASSES = ("normal", "dilated", "hypertrophic")
 MASK_LABELS = {0: "background", 1: "LV", 2: "RV", 3: "LA", 4: "RA", 5: "myocardium"}
-FS = 500                    # Hz
-N_SAMPLES = 5000            # 10 s
-N_FRAMES = 50
 IMAGE_SHAPE = (128, 128)
 SLICE_MM = 8.0
 RESOLUTION_UV = 5           # uV per LSB in the XML

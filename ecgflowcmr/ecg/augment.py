@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
-FS = 500
+from ..contract import ECG_FS as FS
+
 HR_RANGE_BPM = (40.0, 150.0)
 QRS_HALF_S = 0.04            # kept at its speed around each R-peak by the time-stretch
 MAX_MISSING_LEADS = 10

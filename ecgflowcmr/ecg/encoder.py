@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contract import ECG_FS as FS
 from ..utils.checkpoint import load_checkpoint, state_hash
 from .cycles import MODES, Wraps, roi_align, select_cycles
 from .pamae import ECGBackbone, check_ecg, sincos_to_phase
-
-FS = 500
 
 
 @dataclass
@@ -82,13 +81,11 @@ def encoder_state_from_pamae(model_state: dict) -> dict:
 
 def _ecg_config(ckpt: dict, path):
     """The ``ECGConfig`` a stage-1 checkpoint was trained with."""
-    from ..config import ECGConfig, _fill
+    from ..config import section_from_dict
 
     if "ecg" not in ckpt.get("config", {}) or "model" not in ckpt:
         raise ValueError(f"'{path}' is not a stage-1 checkpoint (no model / config.ecg inside)")
-    ecg_cfg = ECGConfig()
-    _fill(ecg_cfg, ckpt["config"]["ecg"], "ecg.")
-    return ecg_cfg
+    return section_from_dict("ecg", ckpt["config"]["ecg"])
 
 
 def load_ecg_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -5,9 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.datasets import LEADS
-
-FS = 500
+from ..contract import ECG_FS as FS, LEADS
 
 
 def _pyplot():

@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..contract import ECG_FS as FS
 from .cycles import EDGE_S, select_cycles
 from .pamae import PAMAE, circular_abs_error, sincos_to_phase
 from .phase import phase_from_rpeaks
 
-FS = 500
 TOLERANCE_S = 0.05
 VAL_MASK_SEED = 1234
 

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_LEADS = 12
-ECG_LENGTH = 5000
+from ..contract import ECG_SAMPLES as ECG_LENGTH, NUM_LEADS
+
 STRIDE = 8
 NUM_POSITIONS = ECG_LENGTH // STRIDE
 DILATIONS = (1, 2, 4, 8, 16)     # dilated residual blocks at the 625-position level of the stem

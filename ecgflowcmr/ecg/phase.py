@@ -23,9 +23,10 @@ import warnings
 
 import numpy as np
 
+from ..contract import LEADS
+
 TWO_PI = 2.0 * np.pi
-LEAD_INDEX = {name: i for i, name in enumerate(
-    ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"])}
+LEAD_INDEX = {name: i for i, name in enumerate(LEADS)}
 # Lead II first (the usual rhythm lead), then leads whose R wave is usually tall and upright.
 LEAD_PREFERENCE = ("II", "I", "V5", "V6", "V4", "aVF", "III", "V3", "V2", "aVL", "V1", "aVR")
 MIN_HR_BPM = 25.0

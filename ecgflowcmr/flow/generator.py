@@ -43,10 +43,8 @@ from .dit import FlowDiT, dit_from_arch
 from .samplers import guided_velocity, integrate
 from .transport import LatentNorm, TemplateAnchor, template_hash
 
-NUM_FRAMES = 50
 PIXEL_MM = 1.8        # nominal in-plane pixel size of the 96 x 96 cine (see write_nifti)
 SLICE_MM = 6.0        # nominal slice thickness of a long-axis cine
-ECG_FS = 500
 
 
 class CheckpointMismatch(ValueError):
@@ -61,14 +59,6 @@ def module_hash(module: nn.Module) -> str:
     """The module's own ``state_hash()`` when it has one, else the hash of its state dict."""
     fn = getattr(module, "state_hash", None)
     return fn() if callable(fn) else state_hash(module.state_dict())
-
-
-def _ecg_config_from_dict(values: dict):
-    from ..config import ECGConfig, _fill
-
-    section = ECGConfig()
-    _fill(section, dict(values), "ecg.")
-    return section
 
 
 def load_stage1_encoder(path: str | os.PathLike, device: torch.device, cycle_mode: str | None = None):
@@ -89,9 +79,10 @@ def load_stage1_encoder(path: str | os.PathLike, device: torch.device, cycle_mod
 
 def encoder_from_spec(spec: dict, device: torch.device) -> nn.Module:
     """Rebuild the encoder a flow checkpoint embeds (config + weights)."""
+    from ..config import section_from_dict
     from ..ecg.encoder import ECGEncoder
 
-    encoder = ECGEncoder.from_config(_ecg_config_from_dict(spec["config"]))
+    encoder = ECGEncoder.from_config(section_from_dict("ecg", spec["config"]))
     encoder.load_state_dict(spec["state_dict"])
     return encoder.to(device).eval()
 

@@ -23,27 +23,29 @@ lowest deterministic validation loss of the EMA weights (fixed t grid, fixed noi
 from __future__ import annotations
 
 import copy
-import itertools
 import json
+import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import Config, ConfigError, FlowConfig
+from ..config import Config, ConfigError, FlowConfig, refuse_other_config
 from ..data.datasets import MemmapPickling
 from ..utils import dist as udist
-from ..utils.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, make_checkpoint, restore_checkpoint
+from ..utils.checkpoint import checkpoint_to_resume, load_checkpoint
 from ..utils.device import autocast, select_device
-from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
+from ..utils.run import require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
-from ..utils.train import EMA, clip_grad, cosine_schedule
+from ..utils.train import EMA, cosine_schedule, optimizer_step
+from ..utils.trainer import LoopSettings, Stage, Trainer
+from . import generator as gen
 from .anchor import AnchorHead
 from .dit import build_dit
-from . import generator as gen
 from .generator import ECGToCine, FlowModel, encoder_state_from, module_hash, sample_seed
 from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching_loss, motion_weighted_mse,
                         sample_t, seeded_noise, template_hash, validation_t_grid)
@@ -52,6 +54,7 @@ VAL_T_POINTS = 8
 # flow keys that may change between a run and its resumption
 RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp",
                   "snapshot_steps", "grad_checkpoint"}
+RESUME_ALSO = ("ecg.cycle_mode", "seed")      # other keys that make last.pt another run (the ECG tokens)
 PREVIEW_SUBJECTS = 2
 LATENT_SPLITS = ("train", "val")
 
@@ -280,7 +283,7 @@ def fit_anchor_head(head: AnchorHead, train: "FlowDataset", val: "FlowDataset", 
     return result
 
 
-def _param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on matrices; the encoder (when trained) at its own lr."""
     groups = []
     for name_prefix, group_lr in (("dit.", lr), ("encoder.", ecg_lr)):
@@ -368,24 +371,231 @@ def write_previews(pipeline: ECGToCine, prepared, split: LatentSplit, out_dir: P
 # ----------------------------------------------------------------------------------------------
 
 
-def _ema_decay(target: float, step: int) -> float:
-    """EMA warm-up: early averages are not dominated by the random initialisation."""
-    return min(target, (1.0 + step) / (10.0 + step))
+@dataclass
+class FlowInputs:
+    """What stages 1 and 2 (and the prepared dataset) give stage 3, loaded and checked."""
+
+    template: dict
+    template_hash: str
+    vae: torch.nn.Module
+    vae_spec: dict
+    norm: LatentNorm
+    anchor: TemplateAnchor
+    splits: dict
+    prepared: object
+    encoder: torch.nn.Module
+    ecg_spec: dict
+    frozen_state: dict
+    datasets: dict
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return self.splits["train"].latent_shape
+
+    @property
+    def ecg_dim(self) -> int:
+        return int(getattr(self.encoder, "dim", 0) or 0)
 
 
-def _config_diffs(old: dict, new: dict) -> list[str]:
-    """Differences that make ``last.pt`` a different run (flow section except RESUMABLE_KEYS, seed).
+def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path, log) -> FlowInputs:
+    """Template, VAE and latents of stage 2, the stage-1 encoder, and the datasets it conditions."""
+    from ..data.datasets import Prepared
 
-    A key the checkpoint predates counts as its default: new keys default to the old behaviour."""
-    defaults = vars(FlowConfig())
-    old_flow = {**defaults, **old.get("flow", {})}
-    diffs = [f"flow.{k}: {old_flow.get(k)!r} -> {v!r}" for k, v in new["flow"].items()
-             if k not in RESUMABLE_KEYS and old_flow.get(k) != v]
-    if old.get("ecg", {}).get("cycle_mode") != new["ecg"]["cycle_mode"]:      # picks the ECG tokens
-        diffs.append(f"ecg.cycle_mode: {old.get('ecg', {}).get('cycle_mode')!r} -> {new['ecg']['cycle_mode']!r}")
-    if old.get("seed") != new["seed"]:
-        diffs.append(f"seed: {old.get('seed')!r} -> {new['seed']!r}")
-    return diffs
+    fl = cfg.flow
+    template = load_checkpoint(paths.template, stage_hint="train_disentangle_vae3d.py")
+    template = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in template.items()}
+    vae, vae_spec = gen.load_stage2_vae(paths.vae_ckpt, device)
+    vae.eval()
+    if template.get("vae_hash") and template["vae_hash"] != vae_spec["hash"]:
+        raise RuntimeError(f"'{paths.template}' was made by VAE {template['vae_hash']} but '{paths.vae_ckpt}' "
+                           f"is VAE {vae_spec['hash']}: the cached latents are stale. Re-run "
+                           "train_disentangle_vae3d.py --extract-only with this config.")
+    norm = LatentNorm.from_template(template)
+    anchor = TemplateAnchor(norm.normalize(template["template"][None])[0], fl.alpha, fl.use_template,
+                            residual_input=fl.anchor == "ecg" and fl.anchor_residual)
+    splits = {s: LatentSplit(paths.latents, s) for s in LATENT_SPLITS}
+    latent_shape = splits["train"].latent_shape
+    if len(splits["train"]) == 0:
+        raise RuntimeError(f"'{paths.latents / 'train.npy'}' has no rows: nothing to train on")
+    if tuple(template["template"].shape[:1]) + tuple(template["template"].shape[2:]) != \
+            (latent_shape[0],) + latent_shape[2:]:
+        raise RuntimeError(f"template shape {tuple(template['template'].shape)} does not match latents "
+                           f"{latent_shape}; re-run the latent extraction")
+    prepared = Prepared(paths.data_root)
+    encoder, ecg_spec = gen.load_stage1_encoder(paths.ecg_ckpt, device, cfg.ecg.cycle_mode)
+    encoder.eval()
+    frozen_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    inputs = FlowInputs(template, template_hash(template), vae, vae_spec, norm, anchor, splits, prepared,
+                        encoder, ecg_spec, frozen_state, {})
+    inputs.datasets = condition_datasets(cfg, inputs, device, out, log)
+    if not inputs.ecg_dim:
+        raise RuntimeError("the stage-1 encoder does not report its token width (encoder.dim)")
+    return inputs
+
+
+def condition_datasets(cfg: Config, inputs: FlowInputs, device: torch.device, out: Path, log) -> dict:
+    """Train/val ``FlowDataset``s: raw ECGs for a fine-tuned encoder, else its cached tokens (built
+    once per encoder and cycle mode, every rank encoding its share)."""
+    fl, splits, encoder = cfg.flow, inputs.splits, inputs.encoder
+    encoder.requires_grad_(fl.ecg_finetune)
+    if fl.ecg_finetune:
+        return {s: FlowDataset(splits[s], inputs.norm, ecg_array=inputs.prepared.ecg) for s in LATENT_SPLITS}
+    datasets = {}
+    bf16 = "_bf16" if cfg.ecg.amp and device.type == "cuda" else ""        # tokens differ from fp32 ones
+    spec = inputs.ecg_spec
+    for s in LATENT_SPLITS:
+        folder = out / "ecg_cache" / f"{spec['hash']}_{spec['config'].get('cycle_mode', '')}{bf16}" / s
+        if not udist.all_gather_object(ConditionCache.valid(folder, len(splits[s])))[0]:  # rank 0 decides
+            log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
+            ConditionCache.build(folder, encoder, inputs.prepared.ecg, splits[s].prepared_index, device,
+                                 batch_size=max(fl.batch_size, 16), desc=s, amp=cfg.ecg.amp)
+        datasets[s] = FlowDataset(splits[s], inputs.norm, cache=ConditionCache(folder))
+    return datasets
+
+
+def anchor_head_for(cfg: Config, inputs: FlowInputs, ckpt: dict | None, device: torch.device,
+                    log) -> tuple[AnchorHead | None, dict, bool]:
+    """The frozen ECG anchor head (``flow.anchor=ecg``; None for the template anchor): from the
+    checkpoint a run resumes, or fitted now. Returns (head, its fit summary, fitted now)."""
+    fl = cfg.flow
+    if fl.anchor != "ecg":
+        return None, {}, False
+    head = AnchorHead(inputs.anchor.template, inputs.ecg_dim, inputs.latent_shape[1], fl.anchor_hidden).to(device)
+    saved = ckpt.get("anchor_head") if ckpt is not None else None
+    if saved:
+        head.load_state_dict(saved["state_dict"])
+        head.eval().requires_grad_(False)
+        return head, dict(saved.get("fit", {})), False
+    fit = fit_anchor_head(head, inputs.datasets["train"], inputs.datasets["val"], fl.anchor_steps, fl.anchor_lr,
+                          max(fl.batch_size, 16), fl.motion_weight, cfg.seed, device, log)
+    return head, fit, True
+
+
+class FlowStage(Stage):
+    """The DiT (and a fine-tuned encoder) trained by flow matching; EMA weights validate and sample.
+
+    t, noise and CFG drops come from the stage's own per-rank generator on the training device
+    (saved in checkpoints): the DataLoader draws from the global RNG whenever an epoch's iterator
+    starts, which would make a run resumed inside an epoch draw different noise."""
+
+    name, rng_key, best_key, epoch_means = "flow", "flow_rng", "best_val", ("loss",)
+
+    def __init__(self, cfg: Config, inputs: FlowInputs, anchor_head: AnchorHead | None, anchor_fit: dict,
+                 device: torch.device, steps_per_epoch: int, out: Path):
+        fl = self.fl = cfg.flow
+        self.cfg, self.inputs, self.device, self.out = cfg, inputs, device, out
+        self.anchor_head, self.anchor_fit = anchor_head, anchor_fit
+        self.amp = fl.amp                         # autocast() is bf16 on CUDA only
+        self.dit = build_dit(fl, inputs.latent_shape, ecg_dim=inputs.ecg_dim, ecg_tokens=cfg.ecg.num_tokens)
+        self.model = FlowModel(self.dit, inputs.encoder if fl.ecg_finetune else None).to(device)
+        self.ema = EMA(self.model, fl.ema_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, fl.lr, fl.ecg_lr, fl.weight_decay), lr=fl.lr)
+        # the schedule spans flow.epochs; flow.max_steps only stops early (smoke runs, interrupted runs)
+        self.scheduler = cosine_schedule(self.optimizer, fl.warmup_steps, fl.epochs * steps_per_epoch)
+        self.ddp_model = udist.wrap_ddp(self.model, device, find_unused_parameters=fl.ecg_finetune)
+        self.rng_seed = cfg.seed * 1000
+        self.generator = torch.Generator(device).manual_seed(self.rng_seed + udist.rank())
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.model.encoder is not None:        # fine-tuned, but deterministic (no dropout / batch stats)
+            self.model.encoder.eval()
+
+    def train_step(self, batch: dict, step: int) -> dict:
+        fl, device, rng = self.fl, self.device, self.generator
+        z1 = batch["z1"].to(device, non_blocking=True)                  # (B, C, T, h, w)
+        t = sample_t(z1.shape[0], fl.t_sampling, device=device, generator=rng)
+        noise = torch.randn(z1.shape, generator=rng, device=device)
+        drop = cfg_drop_mask(z1.shape[0], fl.cfg_drop, device=device, generator=rng)
+        cond = _condition(batch, device)
+        anchor_mean = _anchor_mean(self.anchor_head, cond)
+        with autocast(device, self.amp):
+            loss = flow_matching_loss(self.ddp_model, z1, self.inputs.anchor, t, noise, drop=drop,
+                                      anchor_mean=anchor_mean, motion_weight=fl.motion_weight, **cond)
+        grad_norm = optimizer_step(loss, self.optimizer, self.scheduler, self.model.parameters(), fl.grad_clip)
+        return {"loss": loss.detach(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def validate(self) -> dict[str, float]:
+        """Deterministic validation loss of the EMA weights, conditional and with the null ECG."""
+        fl, model = self.fl, self.ema.module.eval()
+        kw = dict(anchor_head=self.anchor_head, subjects=fl.val_subjects)
+        args = (self.inputs.datasets["val"], self.inputs.anchor, self.device, max(fl.batch_size, 8),
+                self.cfg.seed, self.amp)
+        return {"loss": validation_loss(model, *args, **kw),
+                "loss_uncond": validation_loss(model, *args, unconditional=True, **kw)}
+
+    def describe(self, record: dict) -> str:
+        val, uncond = record.get("val_loss", math.nan), record.get("val_loss_uncond", math.nan)
+        return (f"train {record['train_loss']:.5f} val {'-' if math.isnan(val) else f'{val:.5f}'}"
+                + ("" if math.isnan(uncond) else f" (null ECG {uncond:.5f})"))
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def encoder_state(self) -> tuple[dict, str]:
+        """The encoder's weights and hash as trained (EMA when fine-tuned, else the frozen stage-1 one)."""
+        if self.fl.ecg_finetune:
+            return encoder_state_from(self.ema.state_dict()), module_hash(self.ema.module.encoder)
+        return self.inputs.frozen_state, self.inputs.ecg_spec["hash"]
+
+    def extra(self) -> dict:
+        return {"template_hash": self.inputs.template_hash, "vae_hash": self.inputs.vae_spec["hash"],
+                "ecg_hash": self.encoder_state()[1], "ecg_source_hash": self.inputs.ecg_spec["hash"],
+                "ecg_finetune": self.fl.ecg_finetune}
+
+    def checkpoint(self, ckpt: dict, best: bool) -> dict:
+        """Embeds what generation needs: DiT arch, encoder, VAE, template and the flow's settings."""
+        fl, inputs = self.fl, self.inputs
+        enc_state, enc_hash = self.encoder_state()
+        ckpt.update({"dit_arch": dict(self.dit.arch),
+                     "ecg_encoder": {"config": inputs.ecg_spec["config"], "state_dict": enc_state, "hash": enc_hash},
+                     "vae": inputs.vae_spec, "template": inputs.template,
+                     "flow": {"latent_norm": inputs.norm.to_dict(), "alpha": fl.alpha, "use_template": fl.use_template,
+                              "latent_shape": list(inputs.latent_shape), "normalized": True,
+                              "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
+                              "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight}})
+        if self.anchor_head is not None:
+            ckpt["anchor_head"] = {"arch": dict(self.anchor_head.arch), "fit": self.anchor_fit,
+                                   "state_dict": {k: v.detach().cpu() for k, v in self.anchor_head.state_dict().items()}}
+        return ckpt
+
+    def check_resumable(self, ckpt: dict, path: Path) -> None:
+        """Stage-1/2 outputs that changed since ``ckpt`` make it another run."""
+        extra = ckpt.get("extra", {})
+        for key, now in (("template_hash", self.inputs.template_hash), ("vae_hash", self.inputs.vae_spec["hash"]),
+                         ("ecg_source_hash", self.inputs.ecg_spec["hash"])):
+            if extra.get(key) and extra[key] != now:
+                raise RuntimeError(f"cannot resume '{path}': its {key} {extra[key]} differs from the current "
+                                   f"stage-1/2 outputs ({now}). Start over with --fresh.")
+
+    def on_epoch_end(self, record: dict, validated: bool, stopping: bool, finished: bool) -> None:
+        fl, epoch = self.fl, record["epoch"]
+        if fl.sample_every <= 0 or len(self.inputs.splits["val"]) == 0:
+            return
+        if epoch % fl.sample_every == 0 or epoch >= fl.epochs or not finished:
+            self.preview(f"epoch{epoch:03d}" + ("" if finished else f"_step{record['step']}"))
+
+    def preview(self, tag: str) -> None:
+        inputs, infer = self.inputs, self.cfg.infer
+        enc = self.ema.module.encoder if self.fl.ecg_finetune else inputs.encoder
+        pipe = ECGToCine(self.ema.module.dit, enc, inputs.vae, inputs.template, inputs.norm, self.fl.alpha,
+                         self.fl.use_template, self.device, amp=self.fl.amp, anchor_head=self.anchor_head,
+                         residual_input=inputs.anchor.residual_input)
+        written = write_previews(pipe, inputs.prepared, inputs.splits["val"], self.out / "previews", tag,
+                                 infer.seed, infer.sampler, infer.steps, infer.guidance)
+        logging.getLogger("ecgflowcmr").info("previews: %s", ", ".join(written))
+
+
+def _finished_run(ckpt: dict, fl: FlowConfig, out: Path, log) -> dict | None:
+    """The summary of a run ``ckpt`` already completed (None: there is training left)."""
+    if int(ckpt["epoch"]) < fl.epochs and not (fl.max_steps and int(ckpt["step"]) >= fl.max_steps):
+        return None
+    log.info("stage 3 already complete (%d epochs, %d steps in %s); nothing to do",
+             int(ckpt["epoch"]), int(ckpt["step"]), out / "last.pt")
+    extra = ckpt.get("extra", {})
+    return {"epochs": int(ckpt["epoch"]), "steps": int(ckpt["step"]), "best_val_loss": extra.get("best_val"),
+            "history": extra.get("history", []), "seconds": 0.0, "best": str(out / "best.pt"),
+            "last": str(out / "last.pt"), "skipped": True}
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False,
@@ -399,8 +609,6 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     that changed since (other template, VAE or encoder hash) are always an error.
     ``stop_after_epochs``: return after that many epochs of this call, as if the process had been
     killed there (tests of exact resume)."""
-    from ..data.datasets import Prepared
-
     fl = cfg.flow
     if resume and fresh:  # checked again by checkpoint_to_resume; here before DDP starts
         raise ConfigError("--resume and --fresh contradict each other")
@@ -410,272 +618,39 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     paths.check()
     out = stage_dir(cfg, "flow")
     log = setup_logging(out / "train.log")
-    jsonl = JsonlLog(out / "log.jsonl")
-    last_path, best_path = out / "last.pt", out / "best.pt"
+    last_path = out / "last.pt"
     ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_flow.py", log)
     if ckpt is not None:
-        diffs = _config_diffs(ckpt.get("config", {}), cfg.to_dict())
-        if diffs:
-            raise ConfigError(f"'{last_path}' was written with a different configuration ({'; '.join(diffs)}). "
-                              "Pass --fresh to start over, or choose another run_dir=.")
-        if int(ckpt["epoch"]) >= fl.epochs or (fl.max_steps and int(ckpt["step"]) >= fl.max_steps):
-            log.info("stage 3 already complete (%d epochs, %d steps in %s); nothing to do",
-                     int(ckpt["epoch"]), int(ckpt["step"]), last_path)
-            extra = ckpt.get("extra", {})
+        refuse_other_config(ckpt, cfg, last_path, "flow", RESUMABLE_KEYS, RESUME_ALSO)
+        if (done := _finished_run(ckpt, fl, out, log)) is not None:
             udist.cleanup()
-            return {"epochs": int(ckpt["epoch"]), "steps": int(ckpt["step"]),
-                    "best_val_loss": extra.get("best_val"), "history": extra.get("history", []),
-                    "seconds": 0.0, "best": str(best_path), "last": str(last_path), "skipped": True}
+            return done
     seed_everything(cfg.seed + udist.rank())
-    amp = fl.amp and device.type == "cuda"
-
-    # -- stage-2 outputs ----------------------------------------------------------------------
-    template = load_checkpoint(paths.template, stage_hint="train_disentangle_vae3d.py")
-    template = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in template.items()}
-    vae, vae_spec = gen.load_stage2_vae(paths.vae_ckpt, device)
-    vae.eval()
-    if template.get("vae_hash") and template["vae_hash"] != vae_spec["hash"]:
-        raise RuntimeError(f"'{paths.template}' was made by VAE {template['vae_hash']} but '{paths.vae_ckpt}' "
-                           f"is VAE {vae_spec['hash']}: the cached latents are stale. Re-run "
-                           "train_disentangle_vae3d.py --extract-only with this config.")
-    t_hash = template_hash(template)
-    norm = LatentNorm.from_template(template)
-    anchor = TemplateAnchor(norm.normalize(template["template"][None])[0], fl.alpha, fl.use_template,
-                            residual_input=fl.anchor == "ecg" and fl.anchor_residual)
-    splits = {s: LatentSplit(paths.latents, s) for s in LATENT_SPLITS}
-    latent_shape = splits["train"].latent_shape
-    if len(splits["train"]) == 0:
-        raise RuntimeError(f"'{paths.latents / 'train.npy'}' has no rows: nothing to train on")
-    if tuple(template["template"].shape[:1]) + tuple(template["template"].shape[2:]) != \
-            (latent_shape[0],) + latent_shape[2:]:
-        raise RuntimeError(f"template shape {tuple(template['template'].shape)} does not match latents "
-                           f"{latent_shape}; re-run the latent extraction")
-    prepared = Prepared(paths.data_root)
-
-    # -- stage-1 encoder ----------------------------------------------------------------------
-    encoder, ecg_spec = gen.load_stage1_encoder(paths.ecg_ckpt, device, cfg.ecg.cycle_mode)
-    encoder.eval()
-    frozen_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-    if fl.ecg_finetune:
-        for p in encoder.parameters():
-            p.requires_grad_(True)
-        datasets = {s: FlowDataset(splits[s], norm, ecg_array=prepared.ecg) for s in LATENT_SPLITS}
-    else:
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        caches = {}
-        bf16 = "_bf16" if cfg.ecg.amp and device.type == "cuda" else ""        # tokens differ from fp32 ones
-        for s in LATENT_SPLITS:
-            folder = out / "ecg_cache" / f"{ecg_spec['hash']}_{ecg_spec['config'].get('cycle_mode', '')}{bf16}" / s
-            if not udist.all_gather_object(ConditionCache.valid(folder, len(splits[s])))[0]:  # rank 0 decides
-                log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
-                ConditionCache.build(folder, encoder, prepared.ecg, splits[s].prepared_index, device,
-                                     batch_size=max(fl.batch_size, 16), desc=s, amp=cfg.ecg.amp)
-            caches[s] = ConditionCache(folder)
-        datasets = {s: FlowDataset(splits[s], norm, cache=caches[s]) for s in LATENT_SPLITS}
-    ecg_dim = int(getattr(encoder, "dim", 0) or 0)
-    if not ecg_dim:
-        raise RuntimeError("the stage-1 encoder does not report its token width (encoder.dim)")
-
-    # -- the ECG anchor head (flow.anchor=ecg): fitted first, frozen while the flow trains ----------
-    anchor_head, anchor_fit = None, {}
-    if fl.anchor == "ecg":
-        anchor_head = AnchorHead(anchor.template, ecg_dim, latent_shape[1], fl.anchor_hidden).to(device)
-        saved = ckpt.get("anchor_head") if ckpt is not None else None
-        if saved:
-            anchor_head.load_state_dict(saved["state_dict"])
-            anchor_head.eval().requires_grad_(False)
-            anchor_fit = dict(saved.get("fit", {}))
-        else:
-            anchor_fit = fit_anchor_head(anchor_head, datasets["train"], datasets["val"], fl.anchor_steps,
-                                         fl.anchor_lr, max(fl.batch_size, 16), fl.motion_weight, cfg.seed,
-                                         device, log)
-            jsonl.write(**anchor_fit)
-
-    # -- model, EMA, optimiser ----------------------------------------------------------------
-    dit = build_dit(fl, latent_shape, ecg_dim=ecg_dim, ecg_tokens=cfg.ecg.num_tokens)
-    model = FlowModel(dit, encoder if fl.ecg_finetune else None).to(device)
-    ema = EMA(model, fl.ema_decay)
-    optimizer = torch.optim.AdamW(_param_groups(model, fl.lr, fl.ecg_lr, fl.weight_decay), lr=fl.lr)
-    train_loader = udist.make_loader(datasets["train"], fl.batch_size, train=True, seed=cfg.seed,
-                                     num_workers=fl.num_workers)
-    steps_per_epoch = max(1, len(train_loader))
-    # the schedule spans flow.epochs; flow.max_steps only stops early (smoke runs, interrupted runs)
-    scheduler = cosine_schedule(optimizer, fl.warmup_steps, fl.epochs * steps_per_epoch)
-    ddp_model = udist.wrap_ddp(model, device, find_unused_parameters=fl.ecg_finetune)
-    n_params = sum(p.numel() for p in dit.parameters())
-    log.info("flow DiT: %.2f M parameters, latents %s, %d train / %d val subjects, %d steps/epoch, "
-             "encoder %s", n_params / 1e6, latent_shape, len(datasets["train"]), len(datasets["val"]),
-             steps_per_epoch, "fine-tuned" if fl.ecg_finetune else "frozen (cached tokens)")
-
-    step, epoch, epoch_step, best = 0, 0, 0, math.inf
-    history: list[dict] = []
-    # t, noise and CFG drops come from their own generator (saved in the checkpoint): the
-    # DataLoader draws from the global RNG whenever an epoch's iterator starts, which would make a
-    # run resumed inside an epoch draw different noise
-    # on the training device, so the noise is drawn where it is used (no host copy per step)
-    flow_rng = torch.Generator(device).manual_seed(cfg.seed * 1000 + udist.rank())
+    inputs = load_inputs(cfg, paths, device, out, log)
+    anchor_head, anchor_fit, fitted = anchor_head_for(cfg, inputs, ckpt, device, log)
+    loader = udist.make_loader(inputs.datasets["train"], fl.batch_size, train=True, seed=cfg.seed,
+                               num_workers=fl.num_workers)
+    stage = FlowStage(cfg, inputs, anchor_head, anchor_fit, device, len(loader), out)
+    settings = LoopSettings(epochs=fl.epochs, max_steps=fl.max_steps, log_every=fl.log_every,
+                            val_every=fl.val_every, snapshot_steps=tuple(fl.snapshot_steps), step_log="log.jsonl")
+    trainer = Trainer(stage, loader, settings, out, cfg.to_dict(), cfg.seed, device, log)
     if ckpt is not None:
-        extra = ckpt.get("extra", {})
-        for key, now in (("template_hash", t_hash), ("vae_hash", vae_spec["hash"]),
-                         ("ecg_source_hash", ecg_spec["hash"])):
-            if extra.get(key) and extra[key] != now:
-                raise RuntimeError(f"cannot resume '{last_path}': its {key} {extra[key]} differs from the current "
-                                   f"stage-1/2 outputs ({now}). Start over with --fresh.")
-        step, epoch = restore_checkpoint(ckpt, model, optimizer, scheduler, ema=ema)
-        epoch_step = int(extra.get("epoch_step", 0))
-        rng_states = extra.get("flow_rng") or []
-        same_kind = len(rng_states) == udist.world_size() and \
-            rng_states[udist.rank()].numel() == flow_rng.get_state().numel()      # CPU vs CUDA generator
-        if same_kind:
-            flow_rng.set_state(rng_states[udist.rank()])
-        else:
-            log.warning("last.pt has flow RNG states of %d processes (%s), this run has %d on %s: noise continues "
-                        "from a fresh generator (not bit-exact)", len(rng_states),
-                        "on another device type" if len(rng_states) == udist.world_size() else "",
-                        udist.world_size(), device.type)
-            flow_rng.manual_seed(cfg.seed * 1000 + udist.rank() + 7919 * step)
-        best = float(extra.get("best_val", math.inf))
-        history = list(extra.get("history", []))
-        log.info("resumed from %s at epoch %d (+%d steps), step %d (best val %.5f)",
-                 last_path, epoch, epoch_step, step, best)
-        del ckpt
-
-    def rng_states_all() -> list[torch.Tensor]:
-        """Every rank's flow generator state (gathered to all ranks)."""
-        return udist.all_gather_object(flow_rng.get_state())
-
-    def checkpoint_dict(all_rng: list) -> dict:
-        if fl.ecg_finetune:
-            enc_state = encoder_state_from(ema.state_dict())
-            enc_hash = module_hash(ema.module.encoder)
-        else:
-            enc_state, enc_hash = frozen_state, ecg_spec["hash"]
-        ckpt = make_checkpoint(model, optimizer, scheduler, ema=ema, step=step, epoch=epoch,
-                               config=cfg.to_dict(),
-                               extra={"best_val": best, "history": history, "template_hash": t_hash,
-                                      "epoch_step": epoch_step, "flow_rng": all_rng,
-                                      "vae_hash": vae_spec["hash"], "ecg_hash": enc_hash,
-                                      "ecg_source_hash": ecg_spec["hash"], "ecg_finetune": fl.ecg_finetune})
-        ckpt.update({"dit_arch": dict(dit.arch),
-                     "ecg_encoder": {"config": ecg_spec["config"], "state_dict": enc_state, "hash": enc_hash},
-                     "vae": vae_spec,
-                     "template": template,
-                     "flow": {"latent_norm": norm.to_dict(), "alpha": fl.alpha, "use_template": fl.use_template,
-                              "latent_shape": list(latent_shape), "normalized": True,
-                              "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
-                              "residual_input": anchor.residual_input,
-                              "motion_weight": fl.motion_weight}})
-        if anchor_head is not None:
-            ckpt["anchor_head"] = {"arch": dict(anchor_head.arch), "fit": anchor_fit,
-                                   "state_dict": {k: v.detach().cpu() for k, v in anchor_head.state_dict().items()}}
-        return ckpt
-
-    def preview(tag: str) -> None:
-        if not udist.is_main() or len(splits["val"]) == 0:
-            return
-        enc = ema.module.encoder if fl.ecg_finetune else encoder
-        pipe = ECGToCine(ema.module.dit, enc, vae, template, norm, fl.alpha, fl.use_template, device, amp=fl.amp,
-                         anchor_head=anchor_head, residual_input=anchor.residual_input)
-        paths_written = write_previews(pipe, prepared, splits["val"], out / "previews", tag, cfg.infer.seed,
-                                       cfg.infer.sampler, cfg.infer.steps, cfg.infer.guidance)
-        log.info("previews: %s", ", ".join(paths_written))
-
-    from tqdm import tqdm
-
-    snapshot_steps = set(fl.snapshot_steps)
-    if snapshot_steps and udist.is_main():
-        (out / "snapshots").mkdir(exist_ok=True)
-    t_start = time.time()
-    first_loss = None
-    epochs_this_call = 0
-    while epoch < fl.epochs and (fl.max_steps <= 0 or step < fl.max_steps):
-        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
-            break
-        epochs_this_call += 1
-        model.train()
-        if model.encoder is not None:             # fine-tuned, but deterministic (no dropout / batch stats)
-            model.encoder.eval()
-        udist.set_loader_epoch(train_loader, epoch, seed=cfg.seed)
-        batches = itertools.islice(iter(train_loader), epoch_step, None)     # exact resume inside an epoch
-        bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, desc=f"flow epoch {epoch + 1}/{fl.epochs}",
-                   disable=not udist.is_main(), leave=False, dynamic_ncols=True)
-        running, n_running = torch.zeros((), dtype=torch.float64, device=device), 0   # on device: no sync
-        for batch in bar:
-            z1 = batch["z1"].to(device, non_blocking=True)
-            b = z1.shape[0]
-            t = sample_t(b, fl.t_sampling, device=device, generator=flow_rng)
-            noise = torch.randn(z1.shape, generator=flow_rng, device=device)
-            drop = cfg_drop_mask(b, fl.cfg_drop, device=device, generator=flow_rng)
-            cond = _condition(batch, device)
-            anchor_mean = _anchor_mean(anchor_head, cond)
-            with autocast(device, amp):
-                loss = flow_matching_loss(ddp_model, z1, anchor, t, noise, drop=drop, anchor_mean=anchor_mean,
-                                          motion_weight=fl.motion_weight, **cond)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_grad(model.parameters(), fl.grad_clip, sync=False)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            epoch_step += 1
-            ema.decay = _ema_decay(fl.ema_decay, step)
-            ema.update(model)
-            if step in snapshot_steps:
-                all_rng = rng_states_all()                                 # collective: every rank
-                if udist.is_main():
-                    atomic_save(checkpoint_dict(all_rng), out / "snapshots" / f"step_{step:06d}.pt")
-            running += loss.detach().double()
-            n_running += 1
-            if first_loss is None:
-                first_loss = float(loss.detach())
-            if step % max(1, fl.log_every) == 0:            # the only per-step host syncs
-                loss_value = float(loss.detach())
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                jsonl.write(step=step, epoch=epoch, loss=loss_value, grad_norm=float(grad_norm),
-                            lr=scheduler.get_last_lr()[0], seconds=time.time() - t_start)
-            if fl.max_steps > 0 and step >= fl.max_steps:
-                break
-        bar.close()
-        stopped_early = epoch_step < steps_per_epoch                       # max_steps inside the epoch
-        if not stopped_early:
-            epoch, epoch_step = epoch + 1, 0
-        train_loss = udist.all_reduce_mean(running / max(1, n_running), device)
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss, "seconds": time.time() - t_start}
-        if stopped_early or epoch % max(1, fl.val_every) == 0 or epoch >= fl.epochs:
-            ema.module.eval()
-            record["val_loss"] = validation_loss(ema.module, datasets["val"], anchor, device,
-                                                 max(fl.batch_size, 8), cfg.seed, amp, anchor_head=anchor_head,
-                                                 subjects=fl.val_subjects)
-            record["val_loss_uncond"] = validation_loss(ema.module, datasets["val"], anchor, device,
-                                                        max(fl.batch_size, 8), cfg.seed, amp, unconditional=True,
-                                                        anchor_head=anchor_head, subjects=fl.val_subjects)
-        history.append(record)
-        jsonl.write(**record)
-        val = record.get("val_loss", math.nan)
-        improved = (not math.isnan(val) and val < best) or (len(datasets["val"]) == 0)
-        if improved and not math.isnan(val):
-            best = val
-        all_rng = rng_states_all()                                         # collective: every rank
-        if udist.is_main():
-            ckpt = checkpoint_dict(all_rng)
-            atomic_save(ckpt, last_path)
-            if improved or not best_path.is_file():
-                atomic_save(ckpt, best_path)
-            del ckpt
-        uncond = record.get("val_loss_uncond", math.nan)
-        log.info("epoch %d step %d: train %.5f val %s%s%s", epoch, step, train_loss,
-                 f"{val:.5f}" if not math.isnan(val) else "-",
-                 f" (null ECG {uncond:.5f})" if not math.isnan(uncond) else "", " (best)" if improved else "")
-        if fl.sample_every > 0 and (epoch % fl.sample_every == 0 or epoch >= fl.epochs or stopped_early):
-            preview(f"epoch{epoch:03d}" + (f"_step{step}" if stopped_early else ""))
-        udist.barrier()
-
-    summary = {"epochs": epoch, "steps": step, "best_val_loss": best if best < math.inf else None,
-               "first_train_loss": first_loss, "history": history,
-               "seconds": time.time() - t_start, "dit_parameters": n_params,
-               "encoder": "fine-tuned" if fl.ecg_finetune else "frozen",
-               "best": str(best_path), "last": str(last_path)}
+        stage.check_resumable(ckpt, last_path)
+    trainer.restore(ckpt)
+    if fitted:
+        trainer.history_log.write(**anchor_fit)
+    n_params = sum(p.numel() for p in stage.dit.parameters())
+    log.info("flow DiT: %.2f M parameters, latents %s, %d train / %d val subjects, %d steps/epoch, encoder %s%s",
+             n_params / 1e6, inputs.latent_shape, len(inputs.datasets["train"]), len(inputs.datasets["val"]),
+             trainer.steps_per_epoch, "fine-tuned" if fl.ecg_finetune else "frozen (cached tokens)",
+             "" if ckpt is None else f"; resumed from {last_path} at step {trainer.state.step}")
+    del ckpt
+    started = time.time()
+    state = trainer.fit(stop_after_epochs)
+    summary = {"epochs": state.epoch, "steps": state.step, "best_val_loss": state.best if state.best < math.inf else None,
+               "first_train_loss": trainer.first_loss, "history": state.history, "seconds": time.time() - started,
+               "dit_parameters": n_params, "encoder": "fine-tuned" if fl.ecg_finetune else "frozen",
+               "best": str(trainer.best_path), "last": str(last_path)}
     if udist.is_main():
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     udist.cleanup()

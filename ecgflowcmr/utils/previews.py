@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-ECG_FS = 500
-LEAD_NAMES = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+from ..contract import ECG_FS, LEADS as LEAD_NAMES
+
 BG = (12, 12, 16)
 TRACE = (120, 230, 140)
 SHADE = (30, 45, 90)

@@ -47,6 +47,23 @@ def require_file(path: str | Path, written_by: str) -> Path:
     return path
 
 
+def trim_jsonl(path: str | Path, max_step: int | None) -> None:
+    """Drop the records of a jsonl log past ``max_step`` (written after the checkpoint a run resumes
+    from); records without a step stay. ``max_step=None``: a fresh start, drop everything."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    if max_step is not None:
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= max_step:
+                    keep.append(line)
+            except ValueError:
+                continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 class JsonlLog:
     """Append-only metrics log (one JSON object per line), rank 0 only."""
 

@@ -35,7 +35,7 @@ class EMA(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.999):
         super().__init__()
-        self.decay = decay
+        self.decay = self.target = decay      # decay: the current one (a loop may warm it up to target)
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -55,6 +55,18 @@ class EMA(torch.nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True):
         return self.module.load_state_dict(state_dict, strict=strict)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, params, max_norm: float) -> torch.Tensor:
+    """backward, clip (``max_norm`` <= 0: only measure), step the optimiser and the scheduler;
+    returns the grad norm as a device tensor (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = clip_grad(params, max_norm, sync=False)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return norm
 
 
 def clip_grad(params, max_norm: float, sync: bool = True) -> float | torch.Tensor:

@@ -28,24 +28,21 @@ One optimisation step (``VAETrainer.train_step``):
 """
 from __future__ import annotations
 
-import itertools
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, refuse_other_config
 from ..data.datasets import PreparedDataset
-from ..utils.checkpoint import atomic_save, checkpoint_to_resume, make_checkpoint, restore_checkpoint
+from ..utils.checkpoint import checkpoint_to_resume
 from ..utils.device import autocast, select_device
-from ..utils.dist import (all_reduce_mean, barrier, cleanup, init_distributed, is_distributed, is_main,
-                          make_loader, rank, set_loader_epoch, world_size, wrap_ddp)
-from ..utils.run import JsonlLog, require_file, setup_logging, stage_dir
+from ..utils.dist import cleanup, init_distributed, is_distributed, is_main, make_loader, rank, world_size, wrap_ddp
+from ..utils.run import require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
 from ..utils.train import build_optimizer, clip_grad, cosine_schedule
+from ..utils.trainer import LoopSettings, Stage, Trainer
 from .discriminator import PatchDiscriminator3D
 from .losses import adaptive_weight, build_lpips, framewise_lpips, hinge_d_loss, kl_per_pixel
 from .model import VAE3D
@@ -59,12 +56,17 @@ RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers"
 # ----------------------------------------------------------------------------------------------
 
 
-class VAETrainer:
-    """VAE + optional PatchGAN with their optimisers, schedulers and scalers."""
+class VAETrainer(Stage):
+    """VAE + optional PatchGAN with their optimisers, schedulers and scalers: stage 2 of the
+    training loop (``val_set``, ``fig_set`` and ``out_dir`` are needed only there)."""
 
-    def __init__(self, cfg: Config, device: torch.device, total_steps: int):
+    name, best_key = "vae", "best_val_l1"
+
+    def __init__(self, cfg: Config, device: torch.device, total_steps: int, val_set=None, fig_set=None,
+                 out_dir: Path | None = None):
         v = cfg.vae
         self.cfg, self.v, self.device = cfg, v, device
+        self.val_set, self.fig_set, self.out_dir = val_set, fig_set, out_dir
         self.total_steps = max(int(total_steps), 1)
         self.model = VAE3D.from_config(v).to(device)
         self.ddp_model = wrap_ddp(self.model, device)
@@ -90,17 +92,19 @@ class VAETrainer:
         return {"disc": self.disc, "disc_optimizer": self.opt_d, "disc_scheduler": self.sched_d,
                 "disc_scaler": self.scaler_d}
 
-    def checkpoint(self, epoch: int, extra: dict) -> dict:
-        return make_checkpoint(self.model, self.opt_g, self.sched_g, self.scaler_g, step=self.step,
-                               epoch=epoch, config=self.cfg.to_dict(), extra=extra, **self._disc_state())
+    def state(self) -> dict:
+        return {"optimizer": self.opt_g, "scheduler": self.sched_g, "scaler": self.scaler_g, **self._disc_state()}
 
-    def restore(self, ckpt: dict) -> tuple[int, int]:
+    def extra(self) -> dict:
+        return {"vae_hash": self.model.state_hash()}
+
+    def checkpoint(self, ckpt: dict, best: bool) -> dict:
+        """best.pt: weights + config + metrics (what load_vae and stage 3 need)."""
+        return {k: ckpt[k] for k in ("model", "step", "epoch", "config", "extra")} if best else ckpt
+
+    def check_resumable(self, ckpt: dict) -> None:
         if self.use_gan and ckpt.get("disc") is None:
             raise ConfigError("the checkpoint has no discriminator but vae.disc_weight > 0; pass --fresh")
-        step, epoch = restore_checkpoint(ckpt, self.model, self.opt_g, self.sched_g, self.scaler_g,
-                                         **self._disc_state())
-        self.step = step
-        return step, epoch
 
     # -- randomness of one step ---------------------------------------------------------------
     def _generators(self) -> tuple[torch.Generator, torch.Generator]:
@@ -123,9 +127,12 @@ class VAETrainer:
     def gan_active(self, step: int | None = None) -> bool:
         return self.use_gan and (self.step if step is None else step) >= self.v.disc_start
 
-    def train_step(self, cine: torch.Tensor) -> dict:
-        """One G (and D) update on a batch ``(B, 1, T, H, W)``; returns plain-float statistics."""
+    def train_step(self, cine: torch.Tensor | dict, step: int | None = None) -> dict:
+        """One G (and D) update on a batch ``(B, 1, T, H, W)`` (or a loader batch holding it) after
+        ``step`` steps (default: this object's count); returns statistics as device tensors."""
         v, device, amp = self.v, self.device, self.v.amp
+        cine = cine["cine"] if isinstance(cine, dict) else cine
+        self.step = self.step if step is None else step
         gen_cpu, gen_dev = self._generators()
         x = self._clip(cine.to(device, non_blocking=True), gen_cpu)
         self.ddp_model.train()
@@ -155,7 +162,7 @@ class VAETrainer:
         self.opt_g.zero_grad(set_to_none=True)
         self.scaler_g.scale(loss).backward()
         self.scaler_g.unscale_(self.opt_g)
-        grad_norm = clip_grad(self.model.parameters(), v.grad_clip)
+        grad_norm = clip_grad(self.model.parameters(), v.grad_clip, sync=False)
         self.scaler_g.step(self.opt_g)
         self.scaler_g.update()
         self.sched_g.step()
@@ -169,7 +176,7 @@ class VAETrainer:
             self.opt_d.zero_grad(set_to_none=True)
             self.scaler_d.scale(d_loss).backward()
             self.scaler_d.unscale_(self.opt_d)
-            d_grad = clip_grad(self.disc.parameters(), v.grad_clip)
+            d_grad = clip_grad(self.disc.parameters(), v.grad_clip, sync=False)
             self.scaler_d.step(self.opt_d)
             self.scaler_d.update()
             self.sched_d.step()
@@ -178,9 +185,27 @@ class VAETrainer:
         self.step += 1
         out = {"loss": loss, "rec": rec, "kl": kl, "lpips": p_loss, "g_loss": g_loss, "d_weight": d_weight,
                "d_loss": d_loss, "logits_real": logits_real, "logits_fake": logits_fake}
-        out = {k: float(t.detach()) for k, t in out.items()}
+        out = {k: t.detach() for k, t in out.items()}
         out.update(grad_norm=grad_norm, d_grad_norm=d_grad, lr=self.sched_g.get_last_lr()[0])
         return out
+
+    # -- the loop's hooks -------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        return validate(self.model, self.val_set, self.device, self.v.batch_size) if len(self.val_set) else {}
+
+    def score(self, record: dict) -> float:
+        """Validation L1 of the posterior mode (the train L1 when there is no val split)."""
+        return record.get("val_l1", record.get("train_rec", math.inf))
+
+    def describe(self, record: dict) -> str:
+        nan = float("nan")
+        return (f"{record['epoch_seconds']:.0f} s this epoch, {record['seconds']:.0f} s in all: train l1 "
+                f"{record.get('train_rec', nan):.4f} | val l1 {record.get('val_l1', nan):.4f} PSNR "
+                f"{record.get('val_psnr', nan):.2f} dB SSIM {record.get('val_ssim', nan):.4f}")
+
+    def on_epoch_end(self, record: dict, validated: bool, stopping: bool, finished: bool) -> None:
+        if validated:
+            save_figures(self.model, self.fig_set, self.out_dir / "figures", self.device, record["epoch"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,34 +307,6 @@ def save_figures(vae: VAE3D, dataset: PreparedDataset, fig_dir: Path, device: to
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_resumable(ckpt: dict, cfg: Config, path) -> None:
-    old, new = ckpt.get("config", {}), cfg.to_dict()
-    diffs = [f"vae.{k}: {old.get('vae', {}).get(k)!r} -> {v!r}" for k, v in new["vae"].items()
-             if k not in RESUMABLE_KEYS and old.get("vae", {}).get(k) != v]
-    if old.get("seed") != new["seed"]:
-        diffs.append(f"seed: {old.get('seed')!r} -> {new['seed']!r}")
-    if diffs:
-        raise ConfigError(f"'{path}' was written with a different configuration ({'; '.join(diffs)}). "
-                          f"Pass --fresh to start over, or choose another run_dir=.")
-
-
-def _trim_log(path: Path, max_step: int | None) -> None:
-    """Drop records past ``max_step`` (written after the checkpoint we resume); None: drop all."""
-    import json
-
-    if not path.is_file() or not is_main():
-        return
-    keep = []
-    if max_step is not None:
-        for line in path.read_text().splitlines():
-            try:
-                if int(json.loads(line).get("step", 0)) <= max_step:
-                    keep.append(line)
-            except ValueError:
-                continue
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 def train(cfg: Config, resume: bool = False, fresh: bool = False, extract: bool = True) -> dict:
     """Train the VAE, then cache latents + template from ``best.pt``; returns a summary."""
     device = select_device(cfg.device)
@@ -328,120 +325,40 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
     require_file(cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)")
     out_dir = stage_dir(cfg, "vae")
     log = setup_logging(out_dir / "train.log")
-    history = JsonlLog(out_dir / "log.jsonl")
-    step_log = JsonlLog(out_dir / "steps.jsonl")      # every log_every steps
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-
+    last_path = out_dir / "last.pt"
     ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_disentangle_vae3d.py", log)
     if ckpt is not None:
-        _check_resumable(ckpt, cfg, last_path)
+        refuse_other_config(ckpt, cfg, last_path, "vae", RESUMABLE_KEYS)
 
     seed_everything(cfg.seed)
     train_set = PreparedDataset(cfg.data_root, "train", fields=("cine",))
     val_set = PreparedDataset(cfg.data_root, "val", fields=("cine",))
     if len(train_set) == 0:
         raise ConfigError(f"the train split of '{cfg.data_root}' is empty")
-    fig_set = val_set if len(val_set) else train_set
     loader = make_loader(train_set, v.batch_size, train=True, seed=cfg.seed, num_workers=v.num_workers)
-    steps_per_epoch = len(loader)
-    total_steps = v.epochs * steps_per_epoch
+    total_steps = v.epochs * len(loader)
     if v.max_steps:
         total_steps = min(total_steps, v.max_steps)
-    trainer = VAETrainer(cfg, device, total_steps)
-    model = trainer.model
-
-    epoch, epoch_step, best = 0, 0, math.inf
-    val_metrics: dict = {}
-    for log_file in (history.path, step_log.path):
-        _trim_log(log_file, int(ckpt["step"]) if ckpt is not None else None)
+    stage = VAETrainer(cfg, device, total_steps, val_set, val_set if len(val_set) else train_set, out_dir)
+    settings = LoopSettings(epochs=v.epochs, max_steps=v.max_steps, log_every=v.log_every, val_every=v.val_every,
+                            ckpt_every=v.ckpt_every, step_log="steps.jsonl")
+    trainer = Trainer(stage, loader, settings, out_dir, cfg.to_dict(), cfg.seed, device, log)
     if ckpt is not None:
-        _, epoch = trainer.restore(ckpt)
-        epoch_step = int(ckpt["extra"].get("epoch_step", 0))
-        best = float(ckpt["extra"].get("best_val_l1", math.inf))
-        val_metrics = ckpt["extra"].get("val", {})
-    done = lambda: epoch >= v.epochs or trainer.step >= total_steps
-    if done():
-        log.info("stage 2 already trained (%d epochs, %d steps in %s)", epoch, trainer.step, last_path)
-        return {"val": val_metrics, "best_val_l1": best, "step": trainer.step}
-
-    n_params = sum(p.numel() for p in model.parameters())
-    n_disc = sum(p.numel() for p in trainer.disc.parameters()) if trainer.use_gan else 0
+        stage.check_resumable(ckpt)
+    trainer.restore(ckpt)
+    state = trainer.state
+    if trainer.done():
+        log.info("stage 2 already trained (%d epochs, %d steps in %s)", state.epoch, state.step, last_path)
+        return {"val": state.last_val, "best_val_l1": state.best, "step": state.step}
+    n_disc = sum(p.numel() for p in stage.disc.parameters()) if stage.use_gan else 0
     log.info("stage 2 VAE: %d train / %d val videos, VAE %.2fM + disc %.2fM parameters, %d steps/epoch, "
              "%d steps in all, GAN from step %s, LPIPS %s, device %s", len(train_set), len(val_set),
-             n_params / 1e6, n_disc / 1e6, steps_per_epoch, total_steps,
-             v.disc_start if trainer.use_gan else "never", "on" if trainer.lpips is not None else "off",
+             sum(p.numel() for p in stage.model.parameters()) / 1e6, n_disc / 1e6, trainer.steps_per_epoch,
+             total_steps, v.disc_start if stage.use_gan else "never", "on" if stage.lpips is not None else "off",
              device)
-
-    def save(path, extra_val, full=True):
-        extra = {"best_val_l1": best, "epoch_step": epoch_step, "val": extra_val,
-                 "steps_per_epoch": steps_per_epoch, "vae_hash": model.state_hash()}
-        ckpt_out = trainer.checkpoint(epoch, extra)
-        if not full:   # best.pt: weights + config + metrics (what load_vae and stage 3 need)
-            ckpt_out = {k: ckpt_out[k] for k in ("model", "step", "epoch", "config", "extra")}
-        atomic_save(ckpt_out, path)
-
-    started, cpu_started = time.time(), time.process_time()
-    while not done():
-        set_loader_epoch(loader, epoch, cfg.seed)
-        epoch_start = time.time()
-        sums: dict[str, float] = {}
-        n = 0
-        batches = itertools.islice(iter(loader), epoch_step, None)    # exact resume inside an epoch
-        bar = tqdm(batches, total=steps_per_epoch, initial=epoch_step, disable=not is_main(),
-                   desc=f"vae epoch {epoch + 1}/{v.epochs}", leave=False, mininterval=2.0)
-        for batch in bar:
-            stats = trainer.train_step(batch["cine"])
-            epoch_step += 1
-            n += 1
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value
-            bar.set_postfix(l1=f"{stats['rec']:.4f}", gan="on" if trainer.gan_active(trainer.step - 1) else "off")
-            if trainer.step % v.log_every == 0:
-                step_log.write(step=trainer.step, epoch=epoch, **stats)
-                log.info("step %d  loss %.4f  l1 %.4f  kl %.1f  lpips %.4f  g %.3f  d %.3f  w_d %.3g  "
-                         "grad %.2f  lr %.2e", trainer.step, stats["loss"], stats["rec"], stats["kl"],
-                         stats["lpips"], stats["g_loss"], stats["d_loss"], stats["d_weight"],
-                         stats["grad_norm"], stats["lr"])
-            if trainer.step >= total_steps:
-                break
-            if v.ckpt_every and trainer.step % v.ckpt_every == 0 and epoch_step < steps_per_epoch:
-                if is_main():
-                    save(last_path, val_metrics)
-                barrier()
-        bar.close()
-        finished_epoch = epoch_step >= steps_per_epoch
-        if finished_epoch:
-            epoch += 1
-            epoch_step = 0
-        epoch_seconds = time.time() - epoch_start
-        stopping = done()
-        run_val = (finished_epoch and epoch % v.val_every == 0) or stopping
-        train_means = {f"train_{k}": all_reduce_mean(s / max(n, 1), device) for k, s in sums.items()}
-        if run_val:
-            val_metrics = validate(model, val_set, device, v.batch_size) if len(val_set) else {}
-        if is_main():
-            if run_val:
-                metric = val_metrics.get("l1", train_means.get("train_rec", math.inf))
-                improved = metric < best
-                best = min(best, metric)
-                log.info("epoch %d (step %d, %.0f s this epoch, %.0f s in all): train l1 %.4f | val l1 %.4f "
-                         "PSNR %.2f dB SSIM %.4f%s", epoch, trainer.step, epoch_seconds, time.time() - started,
-                         train_means.get("train_rec", float("nan")), val_metrics.get("l1", float("nan")),
-                         val_metrics.get("psnr", float("nan")), val_metrics.get("ssim", float("nan")),
-                         "  (best)" if improved else "")
-                history.write(epoch=epoch, step=trainer.step, epoch_seconds=round(epoch_seconds, 1),
-                              seconds=round(time.time() - started, 1),
-                              cpu_seconds=round(time.process_time() - cpu_started, 1), **train_means,
-                              **{f"val_{k}": val for k, val in val_metrics.items()})
-                save_figures(model, fig_set, out_dir / "figures", device, epoch)
-                save(last_path, val_metrics)
-                if improved or not best_path.is_file():
-                    save(best_path, val_metrics, full=False)
-            else:
-                save(last_path, val_metrics)
-        barrier()
-    log.info("stage 2 trained: %s (best val l1 %.4f)", best_path, best)
-    return {"val": val_metrics, "best_val_l1": best, "step": trainer.step}
+    state = trainer.fit()
+    log.info("stage 2 trained: %s (best val l1 %.4f)", trainer.best_path, state.best)
+    return {"val": state.last_val, "best_val_l1": state.best, "step": state.step}
 
 
 def extract_latents(cfg: Config, device: torch.device | None = None) -> dict:
