@@ -127,6 +127,19 @@ def test_phenotypes_overlap_across_classes():
         pytest.approx(p["ef_volume_target"], abs=1e-9)
 
 
+def test_unmeasurable_qrs_offset_falls_back_to_the_simulated_interval(tmp_path):
+    """Subject 319 of seed 1 (version 2): a bundle branch block at 88 bpm whose steep ST segment
+    leaves every QRS offset unmeasurable by the delineator; its files are still written, with the
+    simulated QRS duration as the truth."""
+    for folder in ("ecg", "cmr", "masks", "truth"):
+        (tmp_path / folder).mkdir()
+    truth = ph.generate_subject(tmp_path, 1, 319, version=2, prevalence=v2.DEFAULT_PREVALENCE)
+    sim = v2.simulate(1, 319, v2.DEFAULT_PREVALENCE)
+    assert not np.isfinite(sim["delineation"]["qrs_off"]).any()
+    assert truth["manifest"]["qrs_ms"] == pytest.approx(sim["params"]["qrs_target_ms"])
+    assert (tmp_path / "ecg" / f"{truth['manifest']['subject_id']}.xml").exists()
+
+
 def test_area_length_round_trip():
     area_ef = v2.area_ef_from_volume_ef(0.6, 90.0, 15.0)
     assert area_ef == pytest.approx(1 - math.sqrt(0.4 * 75 / 90))

@@ -868,6 +868,12 @@ def simulate_params(p: dict, render_fn) -> dict:
             "t_frames_ms": t_frames, "lv_area_fraction": vol, "geometry": geo, "cine": cine, "masks": masks}
 
 
+def _median_or(values: np.ndarray, fallback: float) -> float:
+    """Median of the finite ``values``; ``fallback`` when none is finite."""
+    finite = np.asarray(values, float)[np.isfinite(values)]
+    return float(np.median(finite)) if len(finite) else float(fallback)
+
+
 def ground_truth(sim: dict) -> dict:
     """The per-subject truth written to truth/<id>.json (and the manifest's columns)."""
     p, tm, d = sim["params"], sim["timing"], sim["delineation"]
@@ -890,7 +896,9 @@ def ground_truth(sim: dict) -> dict:
     truth = {
         "subject_id": subject_id(p["index"]), "class": p["class"],
         "hr_bpm": 60000.0 / rr_med, "rr_ms": rr_med, "qt_ms": qt_med, "qtc_ms": qt_med / math.sqrt(rr_med / 1000),
-        "qrs_ms": float(np.nanmedian(qrs)), "pr_ms": float(np.nanmedian(pr)),
+        # a wide QRS whose ST segment stays steep can leave every beat's QRS offset (or P onset)
+        # unmeasurable by the delineator: the simulated interval is then the truth
+        "qrs_ms": _median_or(qrs, p["qrs_target_ms"]), "pr_ms": _median_or(pr, p["pr_ms"]),
         "cine_rpeak_sample": int(round(tm["r_sample"])), "cine_rr_ms": tm["rr_ms"],
         "cine_qt_ms": (tm["es_ms"] - tm["qrs_on_ms"]),
         "es_time_ms": tm["es_ms"], "es_frame": es_frame,
