@@ -387,17 +387,24 @@ def main() -> None:
         show(name, row)
         write_table(rows, extra, out, args.config)
 
-    full = ECGToCine.from_checkpoint(ckpts["full"], device)
+    loaded: dict[str, ECGToCine] = {}
+
+    def model(name: str) -> ECGToCine:
+        """A trained variant's generator, loaded once (the swap and sampler rows may share one)."""
+        if name not in loaded:
+            loaded[name] = ECGToCine.from_checkpoint(ckpts[name], device)
+        return loaded[name]
+
+    full = model("full")
     for name in trained:
-        gen = full if name == "full" else ECGToCine.from_checkpoint(ckpts[name], device)
+        gen = model(name)
         cines, spv = generate_split(gen, ecg, scorer.ids, inf.sampler, inf.steps, inf.guidance, seed, batch)
         record(name, scorer.score(cines, spv))
     if "faithfulness" in wanted:
-        model = full if args.swap_model == "full" else ECGToCine.from_checkpoint(ckpts[args.swap_model], device)
         key = "faithfulness" + ("" if args.swap_model == "full" else f"_{args.swap_model}")
-        extra[key] = faithfulness(model, scorer, ecg, seed, batch, inf.steps)
+        extra[key] = faithfulness(model(args.swap_model), scorer, ecg, seed, batch, inf.steps)
         print(key, extra[key], flush=True)
-    sampled = full if args.sample_model == "full" else ECGToCine.from_checkpoint(ckpts[args.sample_model], device)
+    sampled = model(args.sample_model)
     suffix = "" if args.sample_model == "full" else f"@{args.sample_model}"
     for name, (sampler, steps, guidance) in SAMPLED.items():
         if name in wanted:
