@@ -194,6 +194,8 @@ class DownstreamConfig:
     labelled_n: int = 0             # > 0: a seeded subset of that many labelled subjects (scarcity); 0: all
     pretrain_splits: list[str] = field(default_factory=lambda: ["train"])  # real pretraining cines (minus
                                     # every labelled subject)
+    real_n: int = 0                 # > 0: a seeded subset of that many real pretraining cines (CMRs are
+                                    # scarce, ECGs are not); synthetic ratios are % of this count
     class_column: str = "class"     # subjects.csv column of the class ("" : no classification tasks)
     normal_class: str = "normal"    # the reference class of the "disease vs normal" cohorts
     regression_columns: list[str] = field(
@@ -233,6 +235,9 @@ class DownstreamConfig:
     finetune_batch: int = 8
     finetune_lr: float = 5e-4
     regression_weight: float = 1.0  # loss = CE(class) + weight * MSE(standardised phenotypes)
+    probe: str = "finetune"         # finetune: the whole ViT; linear: the frozen encoder's pooled
+                                    # features -> L2 logistic regression (class) and ridge (phenotypes)
+    probe_l2: float = 1.0e-2        # linear probe: L2 penalty on standardised features
     seed: int = 0
     out_dir: str = ""               # "" -> <run_dir>/downstream
 
@@ -532,6 +537,9 @@ def _validate_downstream(ds: "DownstreamConfig") -> None:
         _require(len(splits) >= 1 and all(s in ("train", "val", "test") for s in splits), key + name,
                  f"must list train, val and/or test, got {splits}")
     _require(ds.labelled_n >= 0, key + "labelled_n", "must be >= 0 (0: every labelled subject)")
+    _require(ds.real_n >= 0, key + "real_n", "must be >= 0 (0: every real pretraining subject)")
+    _require(ds.probe in ("finetune", "linear"), key + "probe", f"must be finetune or linear, got {ds.probe!r}")
+    _require(ds.probe_l2 > 0, key + "probe_l2", "must be > 0")
     _require(bool(ds.class_column) or bool(ds.regression_columns), key + "class_column",
              "no task: give a class column and/or regression_columns")
     _require(all(s in DOWNSTREAM_SOURCES for s in ds.sources) and len(set(ds.sources)) == len(ds.sources),

@@ -105,6 +105,61 @@ def test_labelled_subjects_are_never_pretraining_subjects():
         D.select_subjects(table, tiny("downstream.labelled_n=50").downstream)
 
 
+def test_real_n_takes_a_seeded_subset_of_the_real_pretraining_cines():
+    table = _table(n_train=10)
+    full = D.select_subjects(table, tiny("downstream.labelled_n=0").downstream)
+    a = D.select_subjects(table, tiny("downstream.real_n=4").downstream)
+    b = D.select_subjects(table, tiny("downstream.real_n=4").downstream)
+    assert len(a.pretrain) == 4 and set(a.pretrain) < set(full.pretrain)
+    np.testing.assert_array_equal(a.pretrain, b.pretrain)                  # seeded
+    np.testing.assert_array_equal(a.labelled, full.labelled)               # the labelled set is untouched
+    other = D.select_subjects(table, tiny("downstream.real_n=4", "downstream.seed=1").downstream)
+    assert not np.array_equal(other.pretrain, a.pretrain)
+    assert D.synthetic_count(len(a.pretrain), 300) == 12                   # ratios count from the subset
+    with pytest.raises(D.DownstreamDataError, match="real_n=11"):
+        D.select_subjects(table, tiny("downstream.real_n=11").downstream)
+    with pytest.raises(ConfigError, match="downstream.real_n"):
+        tiny("downstream.real_n=-1")
+    with pytest.raises(ConfigError, match="downstream.probe"):
+        tiny("downstream.probe=knn")
+
+
+def _labelled(features: np.ndarray, classes, phenotypes, folds: int = 4):
+    from ecgflowcmr.downstream.finetune import Labelled
+
+    n = len(features)
+    cohorts = D.balanced_cohorts(np.asarray(classes), "normal", 0)
+    return Labelled(torch.zeros(n, 1, 2, 4, 4), np.asarray(classes), sorted(set(classes)),
+                    np.asarray(phenotypes, dtype=np.float64).reshape(n, -1), ["ef_area"],
+                    np.arange(n) % folds, cohorts)
+
+
+def test_linear_probe_recovers_linear_labels():
+    """Classes well apart along one feature and a phenotype linear in the features: the probe scores
+    them perfectly on held-out folds; a label independent of the features it cannot predict."""
+    from ecgflowcmr.downstream.finetune import probe_fold
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 6))
+    kind = np.arange(80) % 3
+    x[:, 0] = np.array([-2.0, 0.0, 2.0])[kind] + 0.3 * x[:, 0]          # classes 2 std apart along feature 0
+    classes = np.array(["hypertrophic", "normal", "dilated"])[kind]
+    ef = 50 + 3 * x[:, 1] - 2 * x[:, 2]
+    lab = _labelled(x * 5 + 1, classes, ef)                                # scale and shift: standardised away
+    ds = tiny("downstream.probe=linear", "downstream.probe_l2=1e-4").downstream
+    folds = [probe_fold(torch.as_tensor(x * 5 + 1), lab, ds, f) for f in range(4)]
+    assert min(f["all_classes"]["acc"] for f in folds) == 1.0
+    assert min(f["all_classes"]["auc"] for f in folds) == 1.0
+    assert min(f["dilated_vs_normal"]["acc"] for f in folds) == 1.0
+    assert min(f["ef_area"]["r2"] for f in folds) > 0.999
+    assert max(f["ef_area"]["mae"] for f in folds) < 0.05
+    noise = _labelled(x, classes, rng.normal(50, 3, size=80))
+    r2 = [probe_fold(torch.as_tensor(x), noise, ds, f)["ef_area"]["r2"] for f in range(4)]
+    assert np.mean(r2) < 0.1
+    again = probe_fold(torch.as_tensor(x * 5 + 1), lab, ds, 0)
+    assert again == folds[0]                                                # deterministic
+
+
 def test_missing_label_column_is_a_clear_error():
     table = _table().drop(columns=["ef_area"])
     with pytest.raises(D.DownstreamDataError, match=r"\['ef_area'\] not in the prepared dataset"):
@@ -265,6 +320,27 @@ def test_tiny_run_end_to_end_and_scored_subjects_never_pretrain(tmp_path, seen, 
     assert {p: p.stat().st_mtime_ns for p in (out / "pretrain").rglob("encoder.pt")} == stamps
     assert json.loads((out / "downstream.json").read_text())["rows"] == result["rows"]
     assert "pretraining done, skipped" in capsys.readouterr().out
+
+
+def test_tiny_run_with_a_linear_probe_and_scarce_real_cines(tmp_path, seen):
+    from downstream import main
+
+    data = _prepared(tmp_path / "data")
+    manifest = _pool(tmp_path / "pool", 8, labelled_id="S0013")
+    args = ["--config", str(TINY_YAML), f"run_dir={tmp_path / 'run'}", f"data.root={data}",
+            f"downstream.pool={manifest}", "downstream.sources=[oracle]", "downstream.ratios=[0,100]",
+            "downstream.real_n=6", "downstream.probe=linear"]
+    assert main(args) == 0
+    out = tmp_path / "run" / "downstream"
+    result = json.loads((out / "downstream.json").read_text())
+    assert list(result["rows"]) == ["scratch", "real", "oracle_100"]
+    assert result["rows"]["oracle_100"]["counts"]["synthetic"] == 6           # 100 % of the 6 real cines
+    assert len(seen["real"]) == 6 and seen["real"] < set(range(12))
+    assert sorted(p.name for p in (out / "probe").glob("*.json")) == ["oracle_100.json", "real.json", "scratch.json"]
+    assert not (out / "finetune").exists() or not list((out / "finetune").glob("*.json"))
+    scores = result["rows"]["real"]["scores"]
+    assert scores["ef_area"]["r2"]["n"] == 3 and scores["all_classes"]["auc"]["n"] == 3
+    assert "linearly probed" in (out / "downstream.md").read_text()
 
 
 def test_missing_pool_or_flow_checkpoint_is_a_clear_error(tmp_path, capsys):

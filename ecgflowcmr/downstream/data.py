@@ -27,7 +27,8 @@ class Subjects:
 
 def select_subjects(table, ds) -> Subjects:
     """Labelled = subjects of ``ds.label_splits`` (a seeded subset of ``ds.labelled_n`` when > 0);
-    pretraining = subjects of ``ds.pretrain_splits`` that are not labelled. ``table``: subjects.csv."""
+    pretraining = subjects of ``ds.pretrain_splits`` that are not labelled (a seeded subset of
+    ``ds.real_n`` when > 0). ``table``: subjects.csv."""
     check_label_columns(table, ds)
     split = table["split"].astype(str).to_numpy()
     candidates = np.flatnonzero(np.isin(split, ds.label_splits))
@@ -47,6 +48,13 @@ def select_subjects(table, ds) -> Subjects:
     if len(pretrain) == 0:
         raise DownstreamDataError(f"no real pretraining subject left in splits {ds.pretrain_splits} "
                                   "once the labelled subjects are removed")
+    if ds.real_n > 0:
+        if ds.real_n > len(pretrain):
+            raise DownstreamDataError(
+                f"downstream.real_n={ds.real_n} but the splits {ds.pretrain_splits} hold only {len(pretrain)} "
+                "real pretraining subjects once the labelled ones are removed")
+        rng = np.random.default_rng([int(ds.seed), 13])
+        pretrain = np.sort(rng.choice(pretrain, size=ds.real_n, replace=False))
     assert not set(ids[pretrain]) & labelled_ids
     return Subjects(candidates, pretrain, sorted(labelled_ids))
 

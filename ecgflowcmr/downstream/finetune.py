@@ -1,4 +1,4 @@
-"""k-fold fine-tuning on the labelled real subjects and the scores of each fold.
+"""k-fold fine-tuning (or a linear probe) on the labelled real subjects and the scores of each fold.
 
 One model per fold fits every task together: cross-entropy over all classes plus
 ``regression_weight`` x MSE on the phenotypes standardised with the fold's training statistics
@@ -47,17 +47,23 @@ class Labelled:
 
 def finetune_row(row: str, encoder_path: Path | None, lab: Labelled, ds, out_path: Path,
                  device: torch.device, key: dict, log=print) -> dict:
-    """Fine-tune and score every fold of one row (folds already in ``out_path`` are kept)."""
+    """Fine-tune (or linearly probe, ``ds.probe``) and score every fold of one row (folds already in
+    ``out_path`` are kept)."""
     state = None
     if encoder_path is not None:
         state = torch.load(encoder_path, map_location="cpu", weights_only=True)["encoder"]
     record = json.loads(out_path.read_text()) if out_path.is_file() else {}
     if record.get("key") != key:
         record = {"key": key, "folds": {}}
+    features = None
     for fold in range(ds.folds):
         if str(fold) in record["folds"]:
             continue
-        record["folds"][str(fold)] = fit_fold(state, lab, ds, fold, device, desc=f"finetune {row} fold {fold}")
+        if ds.probe == "linear":
+            features = encode_features(state, lab, ds, device) if features is None else features
+            record["folds"][str(fold)] = probe_fold(features, lab, ds, fold)
+        else:
+            record["folds"][str(fold)] = fit_fold(state, lab, ds, fold, device, desc=f"finetune {row} fold {fold}")
         tmp = out_path.with_name(out_path.name + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out_path)
@@ -110,6 +116,57 @@ def fit_fold(state: dict | None, lab: Labelled, ds, fold: int, device: torch.dev
         out = torch.cat([model(lab.cines[test[i:i + batch]].to(device)).float().cpu()
                          for i in range(0, len(test), batch)]).numpy()
     return score_fold(out, test, lab, mean, std)
+
+
+def encode_features(state: dict | None, lab: Labelled, ds, device: torch.device) -> torch.Tensor:
+    """Mean-pooled tokens ``(n, width)`` (float64) of the frozen encoder over the labelled cines:
+    the pretrained weights, or for ``scratch`` one random initialisation from ``ds.seed``."""
+    torch.manual_seed(int(ds.seed) * 100)
+    encoder = VideoViT.from_config(ds)
+    if state is not None:
+        encoder.load_state_dict(state)
+    encoder.to(device).eval()
+    with torch.no_grad():
+        parts = [encoder(lab.cines[i:i + 16].to(device)).mean(dim=1).float().cpu()
+                 for i in range(0, len(lab.cines), 16)]
+    return torch.cat(parts).double()
+
+
+def probe_fold(features: torch.Tensor, lab: Labelled, ds, fold: int) -> dict:
+    """Linear probe of one fold on ``features`` ``(n, d)``: standardised with the fold's training
+    statistics, then L2 logistic regression over the classes (full-batch L-BFGS) and closed-form
+    ridge on the standardised phenotypes, both penalised by ``ds.probe_l2`` (biases unpenalised).
+    Deterministic; scored like a fine-tuned fold."""
+    train = np.flatnonzero(lab.fold != fold)
+    test = np.flatnonzero(lab.fold == fold)
+    x = features[train]
+    z = (features - x.mean(0)) / (x.std(0, unbiased=False) + 1e-6)
+    z_train, n, d = z[train], len(train), z.shape[1]
+    outputs = []
+    n_classes = len(lab.class_names)
+    if lab.classes is not None:
+        y = torch.as_tensor([lab.class_names.index(c) for c in lab.classes[train]])
+        weight = torch.zeros(d, n_classes, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, tolerance_grad=1e-9,
+                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(z_train @ weight + bias, y) + ds.probe_l2 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        outputs.append((z[test] @ weight + bias).detach())
+    mean = lab.phenotypes[train].mean(0) if lab.phenotypes.shape[1] else np.zeros(0)
+    std = lab.phenotypes[train].std(0) + 1e-8 if lab.phenotypes.shape[1] else np.ones(0)
+    if lab.phenotypes.shape[1]:
+        # min_W (1/n)|Y - Z W|^2 + l2 |W|^2 on training-centred Z and Y: no bias to fit
+        y_reg = torch.as_tensor((lab.phenotypes[train] - mean) / std, dtype=torch.float64)
+        gram = z_train.T @ z_train + n * ds.probe_l2 * torch.eye(d, dtype=torch.float64)
+        outputs.append(z[test] @ torch.linalg.solve(gram, z_train.T @ y_reg))
+    return score_fold(torch.cat(outputs, dim=1).numpy(), test, lab, mean, std)
 
 
 def score_fold(out: np.ndarray, test: np.ndarray, lab: Labelled, mean: np.ndarray, std: np.ndarray) -> dict:

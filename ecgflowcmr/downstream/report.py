@@ -43,7 +43,8 @@ def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
         lines.append(f"| {label} | {synthetic} | " + " | ".join(cells) + " |")
     setup = result.get("setup", {})
     notes = [f"- {k}: {v}" for k, v in setup.items() if not isinstance(v, (dict, list))]
-    text = "\n".join(["# Synthetic pretraining: fine-tuned scores (mean ± std over folds)", "", *lines, "",
+    scored = "linearly probed" if str(setup.get("evaluation", "")).startswith("linear") else "fine-tuned"
+    text = "\n".join([f"# Synthetic pretraining: {scored} scores (mean ± std over folds)", "", *lines, "",
                       *notes, ""])
     md, js = out_dir / "downstream.md", out_dir / "downstream.json"
     for path, content in ((md, text), (js, json.dumps(result, indent=1, default=_plain))):

@@ -7,7 +7,8 @@ Rows: ``scratch`` (no pretraining), ``real`` (MAE on the real pretraining cines;
 
     pool/                 the pool's ECGs, the synthetic caches, nearest-neighbour choices
     pretrain/<row>/       last.pt while training, encoder.pt when done (then skipped)
-    finetune/<row>.json   per-fold scores, written fold by fold (done folds are skipped)
+    finetune/<row>.json   per-fold scores, written fold by fold (done folds are skipped);
+                          probe/<row>.json with ``downstream.probe=linear``
     downstream.{md,json}  the table; downstream.png the plots; subjects.json who was used where
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
         "labelled": subjects.labelled_ids,
         "pretrain_real": prepared.subject_ids(subjects.pretrain)}, indent=0))
     log(f"downstream: {len(subjects.labelled)} labelled subjects ({ds.folds} folds), "
-        f"{n_real} real pretraining cines, rows {[r for r, _, _ in rows]}")
+        f"{n_real} real pretraining cines, {ds.probe} evaluation, rows {[r for r, _, _ in rows]}")
 
     synthetic_rows = [r for r in rows if r[2]]
     pool = flow = None
@@ -93,6 +94,8 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
                   "folds": ds.folds, "epochs": ds.finetune_epochs, "batch": ds.finetune_batch,
                   "lr": ds.finetune_lr, "wd": ds.weight_decay, "rw": ds.regression_weight, "seed": ds.seed,
                   "class": ds.class_column, "regression": list(ds.regression_columns)}
+    if ds.probe == "linear":
+        key_common.update(probe="linear", probe_l2=ds.probe_l2)
     table_rows: dict = {}
     for row, source, ratio in rows:
         counts = {"real": 0, "synthetic": 0}
@@ -107,14 +110,16 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
             counts["synthetic"] = len(data) - len(subjects.pretrain)
             encoder = pretrain(data, ds, out / "pretrain" / row, device, log)
         key = dict(key_common, encoder=_encoder_id(encoder))
-        record = finetune_row(row, encoder, lab, ds, _finetune_path(out, row), device, key, log)
+        record = finetune_row(row, encoder, lab, ds, _finetune_path(out, row, ds.probe), device, key, log)
         table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
     result = {"rows": _merge_existing(out, table_rows, only),
               "setup": {"labelled subjects": len(subjects.labelled), "folds": ds.folds,
                         "real pretraining cines": n_real, "pool ECGs": len(pool.subject_ids) if pool else 0,
                         "samples per ECG (generator)": ds.samples_per_ecg,
                         "pretraining steps x batch": f"{ds.pretrain_steps} x {ds.pretrain_batch}",
-                        "mask ratio": ds.mask_ratio, "fine-tuning epochs": ds.finetune_epochs,
+                        "mask ratio": ds.mask_ratio,
+                        "evaluation": (f"fine-tuned, {ds.finetune_epochs} epochs" if ds.probe == "finetune"
+                                       else f"linear probe of the frozen encoder, L2 {ds.probe_l2}"),
                         "std": "sample std over folds (ddof 1)"}}
     md, js = write_table(result, out)
     figure = plot(result, out)
@@ -139,9 +144,10 @@ def _encoder_id(path: Path | None) -> str | None:
     return torch.load(path, map_location="cpu", weights_only=True)["fingerprint"]
 
 
-def _finetune_path(out: Path, row: str) -> Path:
-    (out / "finetune").mkdir(parents=True, exist_ok=True)
-    return out / "finetune" / f"{row}.json"
+def _finetune_path(out: Path, row: str, probe: str = "finetune") -> Path:
+    folder = out / ("finetune" if probe == "finetune" else "probe")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{row}.json"
 
 
 def _merge_existing(out: Path, rows: dict, only: list[str] | None) -> dict:
