@@ -124,6 +124,24 @@ def test_real_n_takes_a_seeded_subset_of_the_real_pretraining_cines():
         tiny("downstream.probe=knn")
 
 
+def test_paired_difference_against_hand_computed_values():
+    from ecgflowcmr.downstream.finetune import paired_difference
+
+    row = {"folds": {"0": {"n_test": 5, "t": {"acc": 0.8, "auc": 0.9}}, "1": {"n_test": 5, "t": {"acc": 0.6, "auc": 0.7}},
+                     "2": {"n_test": 5, "t": {"acc": 1.0, "auc": 0.5}}}}
+    real = {"folds": {"0": {"n_test": 5, "t": {"acc": 0.7, "auc": 0.9}}, "1": {"n_test": 5, "t": {"acc": 0.3, "auc": 0.6}}}}
+    diff = paired_difference(row, real)                     # fold 2 is not in the reference: left out
+    assert diff["t"]["acc"]["n"] == 2
+    assert diff["t"]["acc"]["mean"] == pytest.approx(0.2)   # (0.1 + 0.3) / 2
+    assert diff["t"]["acc"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert diff["t"]["auc"]["mean"] == pytest.approx(0.05) and "n_test" not in diff
+    from ecgflowcmr.downstream.report import _difference_cell
+
+    assert _difference_cell(diff["t"]["acc"], "acc") == "+0.200 ± 0.141*"
+    assert _difference_cell({"mean": 0.2, "std": 0.1, "n": 3}, "mae") == "+0.20 ± 0.10"   # a larger error: worse
+    assert _difference_cell({"mean": -0.2, "std": 0.1, "n": 3}, "mae") == "-0.20 ± 0.10*"
+
+
 def _labelled(features: np.ndarray, classes, phenotypes, folds: int = 4):
     from ecgflowcmr.downstream.finetune import Labelled
 
@@ -340,7 +358,10 @@ def test_tiny_run_with_a_linear_probe_and_scarce_real_cines(tmp_path, seen):
     assert not (out / "finetune").exists() or not list((out / "finetune").glob("*.json"))
     scores = result["rows"]["real"]["scores"]
     assert scores["ef_area"]["r2"]["n"] == 3 and scores["all_classes"]["auc"]["n"] == 3
-    assert "linearly probed" in (out / "downstream.md").read_text()
+    md = (out / "downstream.md").read_text()
+    assert "linearly probed" in md and "Paired difference to MAE on real" in md
+    assert "vs_real" not in result["rows"]["real"]
+    assert result["rows"]["oracle_100"]["vs_real"]["ef_area"]["mae"]["n"] == 3
 
 
 def test_missing_pool_or_flow_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -207,3 +207,19 @@ def summarise(record: dict) -> dict:
                 for metric, value in values.items():
                     tasks.setdefault(task, {}).setdefault(metric, []).append(value)
     return {task: {metric: M.fold_summary(v) for metric, v in ms.items()} for task, ms in tasks.items()}
+
+
+def paired_difference(record: dict, reference: dict) -> dict:
+    """``{task: {metric: {"mean", "std", "n"}}}`` of ``record - reference`` fold by fold, over the
+    folds both scored (the rows share folds, so this removes the fold-to-fold spread they share)."""
+    tasks: dict = {}
+    for fold, scores in record["folds"].items():
+        other = reference["folds"].get(fold)
+        if other is None:
+            continue
+        for task, values in scores.items():
+            if isinstance(values, dict) and isinstance(other.get(task), dict):
+                for metric, value in values.items():
+                    if metric in other[task] and value is not None and other[task][metric] is not None:
+                        tasks.setdefault(task, {}).setdefault(metric, []).append(value - other[task][metric])
+    return {task: {metric: M.fold_summary(v) for metric, v in ms.items()} for task, ms in tasks.items()}

@@ -26,6 +26,15 @@ def _cell(entry: dict | None, digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
+def _difference_cell(entry: dict | None, metric: str) -> str:
+    if not entry or entry.get("n", 0) == 0 or math.isnan(entry["mean"]):
+        return "n/a"
+    digits = 2 if metric == "mae" else 3
+    better = entry["mean"] if HIGHER_IS_BETTER.get(metric, True) else -entry["mean"]
+    star = "*" if entry["n"] > 1 and better > entry["std"] else ""
+    return f"{entry['mean']:+.{digits}f} ± {entry['std']:.{digits}f}{star}"
+
+
 def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """``downstream.{md,json}``; ``result = {"rows": {row: {"source", "ratio", "counts", "scores"}},
     "setup": {...}}``. Rows as the paper: scratch, MAE on real, then source x ratio."""
@@ -41,6 +50,18 @@ def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
         digits = {"acc": 3, "auc": 3, "r2": 3, "mae": 2}
         cells = [_cell(row["scores"].get(t, {}).get(m), digits.get(m, 3)) for t, m in columns]
         lines.append(f"| {label} | {synthetic} | " + " | ".join(cells) + " |")
+    paired = [(name, row) for name, row in rows.items() if row.get("vs_real")]
+    if paired:
+        lines += ["", "Paired difference to MAE on real (row minus real, fold by fold; mean ± std over folds; "
+                  "`*`: the mean is better than 0 by more than one std):", "",
+                  "| pretraining | synthetic | " + " | ".join(f"{t} {m.upper() if m != 'r2' else 'R²'}"
+                                                          for t, m in columns) + " |",
+                  "|" + "---|" * (len(columns) + 2)]
+        for name, row in paired:
+            label = "ViT from scratch" if name == "scratch" else f"MAE + {row['source']}"
+            synthetic = "-" if row["ratio"] is None else f"{row['ratio']} %"
+            cells = [_difference_cell(row["vs_real"].get(t, {}).get(m), m) for t, m in columns]
+            lines.append(f"| {label} | {synthetic} | " + " | ".join(cells) + " |")
     setup = result.get("setup", {})
     notes = [f"- {k}: {v}" for k, v in setup.items() if not isinstance(v, (dict, list))]
     scored = "linearly probed" if str(setup.get("evaluation", "")).startswith("linear") else "fine-tuned"

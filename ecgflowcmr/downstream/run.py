@@ -24,7 +24,7 @@ from ..data.datasets import Prepared
 from ..utils.device import select_device
 from ..utils.run import require_file
 from . import data as D
-from .finetune import Labelled, finetune_row, summarise
+from .finetune import Labelled, finetune_row, paired_difference, summarise
 from .pretrain import ARCH_KEYS, PretrainSet, batch_tensor, pretrain
 from .report import plot, write_table
 from .sources import build_source, load_pool
@@ -112,7 +112,9 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
         key = dict(key_common, encoder=_encoder_id(encoder))
         record = finetune_row(row, encoder, lab, ds, _finetune_path(out, row, ds.probe), device, key, log)
         table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
-    result = {"rows": _merge_existing(out, table_rows, only),
+    merged = _merge_existing(out, table_rows, only)
+    _add_paired_differences(merged, out, ds.probe)
+    result = {"rows": merged,
               "setup": {"labelled subjects": len(subjects.labelled), "folds": ds.folds,
                         "real pretraining cines": n_real, "pool ECGs": len(pool.subject_ids) if pool else 0,
                         "samples per ECG (generator)": ds.samples_per_ecg,
@@ -148,6 +150,24 @@ def _finetune_path(out: Path, row: str, probe: str = "finetune") -> Path:
     folder = out / ("finetune" if probe == "finetune" else "probe")
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{row}.json"
+
+
+def _add_paired_differences(rows: dict, out: Path, probe: str) -> None:
+    """``rows[r]["vs_real"]``: each row minus MAE-on-real over the same folds (when both were scored
+    on the same labelled subjects and folds)."""
+    path = _finetune_path(out, "real", probe)
+    if "real" not in rows or not path.is_file():
+        return
+    reference = json.loads(path.read_text())
+    same = {k: v for k, v in reference["key"].items() if k != "encoder"}
+    for name, row in rows.items():
+        row.pop("vs_real", None)
+        mine = _finetune_path(out, name, probe)
+        if name == "real" or not mine.is_file():
+            continue
+        record = json.loads(mine.read_text())
+        if {k: v for k, v in record["key"].items() if k != "encoder"} == same:
+            row["vs_real"] = paired_difference(record, reference)
 
 
 def _merge_existing(out: Path, rows: dict, only: list[str] | None) -> dict:
