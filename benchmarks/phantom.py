@@ -85,7 +85,7 @@ TRAINED = {
     "paper_ecg_finetune": ([*PAPER, "flow.ecg_finetune=true"], False),  # the encoder trains with the flow
     "paper_ecg_anchor_residual_frame": ([*PAPER, "flow.anchor=ecg", "flow.anchor_residual=true"], False),
 }
-# name -> (sampler, steps, guidance), all from the full model; euler_10 = "full".
+# name -> (sampler, steps, guidance), all from the full model; euler_2 = "full" (the configs sample with 2 steps).
 SAMPLED = {
     "euler_1": ("euler", 1, 1.0),
     "euler_2": ("euler", 2, 1.0),
