@@ -54,9 +54,7 @@ def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
     if paired:
         lines += ["", "Paired difference to MAE on real (row minus real, fold by fold; mean ± std over folds; "
                   "`*`: the mean is better than 0 by more than one std):", "",
-                  "| pretraining | synthetic | " + " | ".join(f"{t} {m.upper() if m != 'r2' else 'R²'}"
-                                                          for t, m in columns) + " |",
-                  "|" + "---|" * (len(columns) + 2)]
+                  header, "|" + "---|" * (len(columns) + 2)]
         for name, row in paired:
             label = "ViT from scratch" if name == "scratch" else f"MAE + {row['source']}"
             synthetic = "-" if row["ratio"] is None else f"{row['ratio']} %"
