@@ -79,8 +79,7 @@ def fit_fold(state: dict | None, lab: Labelled, ds, fold: int, device: torch.dev
     y_class = None
     if lab.classes is not None:
         y_class = torch.as_tensor([lab.class_names.index(c) for c in lab.classes])
-    mean = lab.phenotypes[train].mean(0) if lab.phenotypes.shape[1] else np.zeros(0)
-    std = lab.phenotypes[train].std(0) + 1e-8 if lab.phenotypes.shape[1] else np.ones(0)
+    mean, std = phenotype_scale(lab, train)
     y_reg = torch.as_tensor((lab.phenotypes - mean) / std, dtype=torch.float32)
 
     torch.manual_seed(int(ds.seed) * 100 + fold)
@@ -116,6 +115,13 @@ def fit_fold(state: dict | None, lab: Labelled, ds, fold: int, device: torch.dev
         out = torch.cat([model(lab.cines[test[i:i + batch]].to(device)).float().cpu()
                          for i in range(0, len(test), batch)]).numpy()
     return score_fold(out, test, lab, mean, std)
+
+
+def phenotype_scale(lab: Labelled, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std ``(r,)`` of the phenotypes over a fold's training rows (targets are standardised)."""
+    if not lab.phenotypes.shape[1]:
+        return np.zeros(0), np.ones(0)
+    return lab.phenotypes[train].mean(0), lab.phenotypes[train].std(0) + 1e-8
 
 
 def encode_features(state: dict | None, lab: Labelled, ds, device: torch.device) -> torch.Tensor:
@@ -159,8 +165,7 @@ def probe_fold(features: torch.Tensor, lab: Labelled, ds, fold: int) -> dict:
 
         opt.step(closure)
         outputs.append((z[test] @ weight + bias).detach())
-    mean = lab.phenotypes[train].mean(0) if lab.phenotypes.shape[1] else np.zeros(0)
-    std = lab.phenotypes[train].std(0) + 1e-8 if lab.phenotypes.shape[1] else np.ones(0)
+    mean, std = phenotype_scale(lab, train)
     if lab.phenotypes.shape[1]:
         # min_W (1/n)|Y - Z W|^2 + l2 |W|^2 on training-centred Z and Y: no bias to fit
         y_reg = torch.as_tensor((lab.phenotypes[train] - mean) / std, dtype=torch.float64)

@@ -110,7 +110,9 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
             counts["synthetic"] = len(data) - len(subjects.pretrain)
             encoder = pretrain(data, ds, out / "pretrain" / row, device, log)
         key = dict(key_common, encoder=_encoder_id(encoder))
-        record = finetune_row(row, encoder, lab, ds, _finetune_path(out, row, ds.probe), device, key, log)
+        scores = _finetune_path(out, row, ds.probe)
+        scores.parent.mkdir(parents=True, exist_ok=True)
+        record = finetune_row(row, encoder, lab, ds, scores, device, key, log)
         table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
     merged = _merge_existing(out, table_rows, only)
     _add_paired_differences(merged, out, ds.probe)
@@ -147,9 +149,8 @@ def _encoder_id(path: Path | None) -> str | None:
 
 
 def _finetune_path(out: Path, row: str, probe: str = "finetune") -> Path:
-    folder = out / ("finetune" if probe == "finetune" else "probe")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{row}.json"
+    """``finetune/<row>.json`` (``probe/<row>.json`` for the linear probe); the folder is not made."""
+    return out / ("finetune" if probe == "finetune" else "probe") / f"{row}.json"
 
 
 def _add_paired_differences(rows: dict, out: Path, probe: str) -> None:
