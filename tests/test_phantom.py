@@ -263,3 +263,16 @@ def test_ecg_only_pool_leaves_the_paired_subjects_unchanged(phantom, tmp_path):
     # the oracle cine is the phantom's true cine of that ECG-only subject
     cine = _load(other / ph.POOL_DIR / pool.oracle_cmr_path[1])[1][:, :, 0, :]
     np.testing.assert_array_equal(cine, np.moveaxis(ph.simulate(SEED, ph.POOL_START + 1)["cine"], 0, -1))
+
+
+def test_qt_without_any_measurable_t_end_falls_back_to_the_simulated_qt():
+    sim = ph.simulate(SEED, 0)
+    measured = ph.ground_truth(sim)["manifest"]
+    sim["delineation"] = {**sim["delineation"], "t_end": np.full(len(sim["delineation"]["t_end"]), np.nan)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # no "All-NaN slice" warning either
+        fallback = ph.ground_truth(sim)["manifest"]
+    rr_s = fallback["rr_ms"] / 1000
+    assert fallback["qt_ms"] == pytest.approx(sim["params"]["qtc_target_ms"] * math.sqrt(rr_s))
+    assert fallback["qtc_ms"] == pytest.approx(sim["params"]["qtc_target_ms"])
+    assert abs(fallback["qt_ms"] - measured["qt_ms"]) < 40   # ms: the delineated QT agrees with it

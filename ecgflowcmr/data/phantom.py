@@ -892,7 +892,8 @@ def ground_truth(sim: dict) -> dict:
     es_frame = int(np.argmin(sim["lv_area_fraction"]))
     sept, lat = wall_thickness_ed(sim["geometry"])
     rr_med = float(np.median(rr))
-    qt_med = float(np.nanmedian(qt))
+    # no measurable T end in any beat (a flat T): the simulated QT (Bazett at the median R-R) is the truth
+    qt_med = _median_or(qt, p["qtc_target_ms"] * math.sqrt(rr_med / 1000))
     truth = {
         "subject_id": subject_id(p["index"]), "class": p["class"],
         "hr_bpm": 60000.0 / rr_med, "rr_ms": rr_med, "qt_ms": qt_med, "qtc_ms": qt_med / math.sqrt(rr_med / 1000),
