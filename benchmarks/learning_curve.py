@@ -43,11 +43,11 @@ def train_curve(cfg_path: str, cfg, variant: str, steps: list[int], extra: list[
     """Train (or resume) the long run; returns its folder."""
     base = cfg.run_path
     run_dir = base / "curves" / variant
-    overrides, retrain_ecg = bench.TRAINED[variant]
-    for shared in ["vae", "latents"] + ([] if retrain_ecg else ["ecg"]):
+    overrides, retrain = bench.TRAINED[variant]
+    if retrain:
+        raise SystemExit(f"variant '{variant}' retrains {' and '.join(retrain)}; learning curves take flow-only variants")
+    for shared in ("vae", "latents", "ecg"):
         bench.link(base / shared, run_dir / shared)
-    if retrain_ecg:
-        raise SystemExit(f"variant '{variant}' retrains stage 1; learning curves take flow-only variants")
     n_train = len(json.loads((cfg.data_root / "splits.json").read_text())["train"])
     per_epoch = max(1, n_train // cfg.flow.batch_size)
     epochs = math.ceil(max(steps) / per_epoch)

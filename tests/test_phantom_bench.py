@@ -79,6 +79,32 @@ def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
     assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0, 3.0}
 
 
+def test_variants_share_the_base_stages_they_do_not_retrain(bench, tmp_path, monkeypatch):
+    from ecgflowcmr.config import load_config
+
+    cfg_path = str(ROOT / "configs" / "phantom_bench.yaml")
+    base = load_config(cfg_path)
+    for name, (overrides, retrain) in bench.TRAINED.items():
+        assert set(retrain) <= {"ecg", "vae"}, name
+        cfg = load_config(cfg_path, overrides)
+        for stage in ("ecg", "vae"):      # a stage not retrained must be configured as the base run's
+            assert (vars(getattr(cfg, stage)) != vars(getattr(base, stage))) == (stage in retrain), (name, stage)
+    calls = []
+    monkeypatch.setattr(bench, "run_stage", lambda script, cfg_path, run, log=None, threads=None:
+                        calls.append((script, next((o for o in run if o.startswith("run_dir=")), None))))
+    cfg = load_config(cfg_path, [f"run_dir={tmp_path / 'run'}"])
+    names = ["seed_1", "no_pamae", "vae_lr_4e-3"]
+    ckpts = bench.train_variants(cfg_path, cfg, names, [])
+    run = tmp_path / "run"
+    assert ckpts == {n: run / "ablations" / n / "flow" / "best.pt" for n in names}
+    trained = {(script, r.split("=", 1)[1].rsplit("/", 1)[-1]) for script, r in calls if r}
+    assert trained == {("train_flow.py", n) for n in names} | {("train_ecg.py", "no_pamae"),
+                                                               ("train_disentangle_vae3d.py", "vae_lr_4e-3")}
+    linked = {n: sorted(p.name for p in (run / "ablations" / n).iterdir() if p.is_symlink()) for n in names}
+    assert linked == {"seed_1": ["ecg", "latents", "vae"], "no_pamae": ["latents", "vae"], "vae_lr_4e-3": ["ecg"]}
+    assert (run / "ablations" / "vae_lr_4e-3" / "ecg").resolve() == (run / "ecg").resolve()
+
+
 def test_rescoring_some_variants_keeps_the_other_rows(bench, tmp_path):
     bench.write_table({"full": {"psnr": 1.0, "n_videos": 2}, "euler_1": {"psnr": 2.0, "n_videos": 2}},
                       {"config": "c.yaml", "checkpoints": {"full": "a.pt"}}, tmp_path, "c.yaml")
