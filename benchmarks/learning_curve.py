@@ -46,8 +46,9 @@ def train_curve(cfg_path: str, cfg, variant: str, steps: list[int], extra: list[
     overrides, retrain = bench.TRAINED[variant]
     if retrain:
         raise SystemExit(f"variant '{variant}' retrains {' and '.join(retrain)}; learning curves take flow-only variants")
-    for shared in ("vae", "latents", "ecg"):
-        bench.link(base / shared, run_dir / shared)
+    for _, folders in bench.STAGES.values():
+        for folder in folders:
+            bench.link(base / folder, run_dir / folder)
     n_train = len(json.loads((cfg.data_root / "splits.json").read_text())["train"])
     per_epoch = max(1, n_train // cfg.flow.batch_size)
     epochs = math.ceil(max(steps) / per_epoch)

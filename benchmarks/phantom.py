@@ -87,6 +87,8 @@ TRAINED = {
     "paper_ecg_finetune": ([*PAPER, "flow.ecg_finetune=true"], ()),  # the encoder trains with the flow
     "paper_ecg_anchor_residual_frame": ([*PAPER, "flow.anchor=ecg", "flow.anchor_residual=true"], ()),
 }
+# stage a variant may retrain -> (its script, the run folders it writes: shared from the base run otherwise)
+STAGES = {"ecg": ("train_ecg.py", ("ecg",)), "vae": ("train_disentangle_vae3d.py", ("vae", "latents"))}
 # name -> (sampler, steps, guidance), all from the full model; euler_2 = "full" (the configs sample with 2 steps).
 SAMPLED = {
     "euler_1": ("euler", 1, 1.0),
@@ -155,15 +157,14 @@ def train_variants(cfg_path: str, cfg, names: list[str], extra: list[str], jobs:
         overrides, retrain = TRAINED[name]
         run_dir = variant_dir(base, name)
         if name != "full":
-            shared = ([] if "vae" in retrain else ["vae", "latents"]) + ([] if "ecg" in retrain else ["ecg"])
-            for folder in shared:
-                link(base / folder, run_dir / folder)
+            for stage, (_, folders) in STAGES.items():
+                for folder in folders if stage not in retrain else ():
+                    link(base / folder, run_dir / folder)
         run = [*extra, f"run_dir={run_dir}", f"data.root={cfg.data_root.resolve()}", *overrides]
         t0 = time.perf_counter()
-        if "ecg" in retrain:
-            run_stage("train_ecg.py", cfg_path, run, logs / f"{name}_ecg.log", threads)
-        if "vae" in retrain:   # trains the VAE, then caches this variant's latents and template
-            run_stage("train_disentangle_vae3d.py", cfg_path, run, logs / f"{name}_vae.log", threads)
+        for stage, (script, _) in STAGES.items():   # stage 2 also caches the variant's latents and template
+            if stage in retrain:
+                run_stage(script, cfg_path, run, logs / f"{name}_{stage}.log", threads)
         run_stage("train_flow.py", cfg_path, run, logs / f"{name}_flow.log", threads)
         print(f"trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
         return run_dir / "flow" / "best.pt"
