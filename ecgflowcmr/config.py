@@ -203,6 +203,9 @@ class DownstreamConfig:
     pool: str = ""                  # ECG-only pool: a folder of ECG files or a manifest CSV (ecg_path
                                     # [, oracle_cmr_path]); "" -> <phantom_dir>/ecg_only/manifest.csv
     pool_n: int = 0                 # with pool "": ECG-only phantom subjects written there if missing
+    label_pool: bool = False        # also label the pool subjects that no row draws, with their true
+                                    # cines and the manifest's label columns (the phantom's pool has
+                                    # both): more scored subjects, none ever seen by any stage
     sources: list[str] = field(default_factory=lambda: ["generator", "nearest", "template", "oracle"])
     ratios: list[int] = field(default_factory=lambda: [0, 100, 200, 300])  # synthetic count, % of the real
                                     # pretraining count; 0 = MAE on real cines only

@@ -263,9 +263,9 @@ def _prepared(root: Path, n_train=12, n_test=12, seed=0) -> Path:
     return root
 
 
-def _pool(folder: Path, n: int, labelled_id: str) -> Path:
-    """ECG-only pool manifest (npy ECGs, npy oracle cines); one entry has a labelled subject's id,
-    one ECG is unreadable."""
+def _pool(folder: Path, n: int, labelled_id: str, labels: bool = False) -> Path:
+    """ECG-only pool manifest (npy ECGs, npy oracle cines; ``labels``: with the label columns); one
+    entry has a labelled subject's id, one ECG is unreadable."""
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True)
     rows = []
@@ -277,6 +277,8 @@ def _pool(folder: Path, n: int, labelled_id: str) -> Path:
         np.save(folder / f"{sid}_ecg.npy", ecg)
         np.save(folder / f"{sid}_cine.npy", rng.uniform(-1, 1, size=(1, 50, 96, 96)).astype(np.float32))
         rows.append({"subject_id": sid, "ecg_path": f"{sid}_ecg.npy", "oracle_cmr_path": f"{sid}_cine.npy"})
+        if labels:
+            rows[-1].update({"class": CLASSES[i % 4], "ef_area": 40.0 + i, "lv_ed_area_mm2": 900.0 + 10 * i})
     pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
     return folder / "manifest.csv"
 
@@ -362,6 +364,42 @@ def test_tiny_run_with_a_linear_probe_and_scarce_real_cines(tmp_path, seen):
     assert "linearly probed" in md and "Paired difference to MAE on real" in md
     assert "vs_real" not in result["rows"]["real"]
     assert result["rows"]["oracle_100"]["vs_real"]["ef_area"]["mae"]["n"] == 3
+
+
+def test_undrawn_pool_subjects_join_the_labelled_set_and_are_never_drawn(tmp_path, seen, capsys):
+    from downstream import main
+
+    data = _prepared(tmp_path / "data")
+    manifest = _pool(tmp_path / "pool", 12, labelled_id="S0013", labels=True)    # 10 usable pool ECGs
+    args = ["--config", str(TINY_YAML), f"run_dir={tmp_path / 'run'}", f"data.root={data}",
+            f"downstream.pool={manifest}", "downstream.sources=[oracle]", "downstream.ratios=[0,50,100]",
+            "downstream.real_n=6", "downstream.probe=linear", "downstream.label_pool=true"]
+    # only the 50 % row first: the labelled set still leaves out the 6 ECGs the 100 % row will draw
+    assert main(args + ["--only", "oracle_50"]) == 0
+    out = tmp_path / "run" / "downstream"
+    subjects = json.loads((out / "subjects.json").read_text())["labelled"]
+    assert main(args) == 0
+    assert json.loads((out / "subjects.json").read_text())["labelled"] == subjects
+    pool_ids = json.loads((out / "pool" / "pool.json").read_text())["subjects"]
+    assert len(pool_ids) == 10
+    drawn = {pool_ids[e] for e in seen["pool"]}
+    from_pool = [s for s in subjects if s.startswith("P")]
+    assert len(drawn) == 6 and len(from_pool) == 4 and len(subjects) == 12 + 4
+    assert not drawn & set(from_pool) and set(from_pool) | drawn == set(pool_ids)
+    assert not seen["real"] & {int(s[1:]) for s in subjects if s.startswith("S")}
+    # their true cines and the manifest's labels are scored: the probe sees 16 subjects over 3 folds
+    result = json.loads((out / "downstream.json").read_text())
+    assert result["setup"]["labelled subjects"] == "16 (4 from the pool)"
+    record = json.loads((out / "probe" / "real.json").read_text())
+    assert record["key"]["labelled"] == subjects and len(record["folds"]) == 3
+    oracle_done = np.load(out / "pool" / "oracle.done.npy")[:, 0]
+    assert oracle_done.all()                                # 6 drawn + 4 labelled
+    # the largest draw leaves no pool ECG to label; a pool without the label columns
+    assert main(args + ["downstream.ratios=[0,200]", f"downstream.out_dir={tmp_path / 'b'}"]) == 2
+    assert "none is left to label" in capsys.readouterr().err
+    bare = _pool(tmp_path / "bare", 12, labelled_id="S0013")
+    assert main(args + [f"downstream.pool={bare}", f"downstream.out_dir={tmp_path / 'c'}"]) == 2
+    assert "['class', 'ef_area', 'lv_ed_area_mm2'] not in pool manifest" in capsys.readouterr().err
 
 
 def test_missing_pool_or_flow_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -59,14 +59,14 @@ def select_subjects(table, ds) -> Subjects:
     return Subjects(candidates, pretrain, sorted(labelled_ids))
 
 
-def check_label_columns(table, ds, where: str = "subjects.csv") -> None:
+def check_label_columns(table, ds, where: str = "the prepared dataset's subjects.csv") -> None:
     """Every configured label column exists (and regression columns are numeric and complete)."""
     wanted = ([ds.class_column] if ds.class_column else []) + list(ds.regression_columns)
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         known = [c for c in table.columns if c not in ("index", "subject_id", "split")]
         raise DownstreamDataError(
-            f"label column(s) {missing} not in the prepared dataset's {where} (label columns there: "
+            f"label column(s) {missing} not in {where} (label columns there: "
             f"{known or 'none'}). Label columns come from the manifest given to prepare_data.py; fix "
             f"downstream.class_column / downstream.regression_columns or add them to the manifest.")
 
@@ -147,3 +147,10 @@ def draw_pool(count: int, n_ecgs: int, per_ecg: int, seed: int) -> np.ndarray:
         taken += len(order)
         rnd += 1
     return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
+
+
+def undrawn_pool_rows(most: int, n_ecgs: int, seed: int) -> np.ndarray:
+    """Sorted pool ECGs that no draw of at most ``most`` cines uses (for any samples per ECG:
+    ``draw_pool`` picks its ECGs independently of ``per_ecg``, and smaller draws nest in larger)."""
+    used = np.unique(draw_pool(most, n_ecgs, 1, seed)[:, 0])
+    return np.setdiff1d(np.arange(n_ecgs), used)

@@ -27,7 +27,7 @@ from . import data as D
 from .finetune import Labelled, finetune_row, paired_difference, summarise
 from .pretrain import ARCH_KEYS, PretrainSet, batch_tensor, pretrain
 from .report import plot, write_table
-from .sources import build_source, load_pool
+from .sources import build_source, load_pool, pool_label_table
 
 FLOW_SOURCES = ("generator", "nearest", "template")
 
@@ -61,20 +61,23 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
         if unknown:
             raise ValueError(f"--only: unknown rows {unknown} (rows of this config: {[r for r, _, _ in rows]})")
         rows = [r for r in rows if r[0] in only]
-    lab = labelled_set(prepared, subjects, ds)
     n_real = len(subjects.pretrain)
-    (out / "subjects.json").write_text(json.dumps({
-        "labelled": subjects.labelled_ids,
-        "pretrain_real": prepared.subject_ids(subjects.pretrain)}, indent=0))
-    log(f"downstream: {len(subjects.labelled)} labelled subjects ({ds.folds} folds), "
-        f"{n_real} real pretraining cines, {ds.probe} evaluation, rows {[r for r, _, _ in rows]}")
-
     synthetic_rows = [r for r in rows if r[2]]
     pool = flow = None
+    if synthetic_rows or ds.label_pool:
+        pool = load_pool(cfg, out, set(subjects.labelled_ids), log)
+    extra = _pool_labelled(cfg, pool, n_real, out) if ds.label_pool else None
+    lab, labelled_ids = labelled_set(prepared, subjects, ds, extra)
+    (out / "subjects.json").write_text(json.dumps({
+        "labelled": labelled_ids,
+        "pretrain_real": prepared.subject_ids(subjects.pretrain)}, indent=0))
+    log(f"downstream: {len(labelled_ids)} labelled subjects"
+        + (f" ({len(extra[0])} of them from the pool)" if extra else "")
+        + f" ({ds.folds} folds), {n_real} real pretraining cines, {ds.probe} evaluation, rows {[r for r, _, _ in rows]}")
+
     draws: dict[str, np.ndarray] = {}
     sources: dict = {}
     if synthetic_rows:
-        pool = load_pool(cfg, out, set(subjects.labelled_ids), log)
         needed = {s for _, s, _ in synthetic_rows}
         if needed & set(FLOW_SOURCES):
             from ..flow.generator import ECGToCine
@@ -84,13 +87,15 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
             flow = ECGToCine.from_checkpoint(ckpt, device, amp=cfg.flow.amp)
         most = D.synthetic_count(n_real, max(r for _, _, r in synthetic_rows))
         for name in sorted(needed):
-            source = build_source(name, cfg, pool, prepared, subjects.pretrain, out, flow)
+            source = (extra[2] if extra and name == "oracle"
+                      else build_source(name, cfg, pool, prepared, subjects.pretrain, out, flow))
             draws[name] = D.draw_pool(most, len(pool.subject_ids), source.per_ecg, ds.seed)
+            assert extra is None or not set(draws[name][:, 0]) & set(extra[0]), "a labelled pool ECG was drawn"
             source.fill(draws[name])
             sources[name] = source
         log(f"downstream: pool of {len(pool.subject_ids)} ECGs ({pool.spec}); up to {most} synthetic cines per row")
 
-    key_common = {"arch": {k: getattr(ds, k) for k in ARCH_KEYS}, "labelled": subjects.labelled_ids,
+    key_common = {"arch": {k: getattr(ds, k) for k in ARCH_KEYS}, "labelled": labelled_ids,
                   "folds": ds.folds, "epochs": ds.finetune_epochs, "batch": ds.finetune_batch,
                   "lr": ds.finetune_lr, "wd": ds.weight_decay, "rw": ds.regression_weight, "seed": ds.seed,
                   "class": ds.class_column, "regression": list(ds.regression_columns)}
@@ -117,7 +122,8 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
     merged = _merge_existing(out, table_rows, only)
     _add_paired_differences(merged, out, ds.probe)
     result = {"rows": merged,
-              "setup": {"labelled subjects": len(subjects.labelled), "folds": ds.folds,
+              "setup": {"labelled subjects": (f"{len(labelled_ids)} ({len(extra[0])} from the pool)" if extra
+                                              else len(labelled_ids)), "folds": ds.folds,
                         "real pretraining cines": n_real, "pool ECGs": len(pool.subject_ids) if pool else 0,
                         "samples per ECG (generator)": ds.samples_per_ecg,
                         "pretraining steps x batch": f"{ds.pretrain_steps} x {ds.pretrain_batch}",
@@ -131,15 +137,40 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
     return result
 
 
-def labelled_set(prepared: Prepared, subjects: D.Subjects, ds) -> Labelled:
-    """The labelled cines at the ViT's input size, their labels, folds and cohorts."""
+def labelled_set(prepared: Prepared, subjects: D.Subjects, ds, extra=None) -> tuple[Labelled, list[str]]:
+    """The labelled cines at the ViT's input size, their labels, folds and cohorts, and their ids.
+    ``extra``: ``(pool rows, their label table, oracle source)`` of labelled pool subjects."""
     classes, phenotypes = D.labels_of(prepared.subjects, subjects.labelled, ds)
-    cines = torch.cat([batch_tensor([np.asarray(prepared.cine[i]) for i in subjects.labelled[j:j + 16]], ds)
-                       for j in range(0, len(subjects.labelled), 16)])
+    ids = list(subjects.labelled_ids)
+    cines = [np.asarray(prepared.cine[i]) for i in subjects.labelled]
+    if extra is not None:
+        rows, table, oracle = extra
+        more_classes, more_phenotypes = D.labels_of(table, rows, ds)
+        classes = np.concatenate([classes, more_classes]) if classes is not None else None
+        phenotypes = np.concatenate([phenotypes, more_phenotypes])
+        ids += list(table["subject_id"].astype(str).to_numpy()[rows])
+        cines += [oracle.cine(int(e), 0) for e in rows]
+    x = torch.cat([batch_tensor(cines[j:j + 16], ds) for j in range(0, len(cines), 16)])
     class_names = sorted(set(classes)) if classes is not None else []
     cohorts = D.balanced_cohorts(classes, ds.normal_class, ds.seed) if classes is not None else {}
-    fold = D.stratified_folds(classes, len(subjects.labelled), ds.folds, ds.seed)
-    return Labelled(cines, classes, class_names, phenotypes, list(ds.regression_columns), fold, cohorts)
+    fold = D.stratified_folds(classes, len(ids), ds.folds, ds.seed)
+    return Labelled(x, classes, class_names, phenotypes, list(ds.regression_columns), fold, cohorts), ids
+
+
+def _pool_labelled(cfg: Config, pool, n_real: int, out: Path):
+    """``(pool rows, label table, oracle source)``: the pool ECGs that no row of the whole plan draws
+    (whatever ``--only`` picks, so every row is scored on the same subjects), with their true cines."""
+    ds = cfg.downstream
+    most = D.synthetic_count(n_real, max(ds.ratios, default=0))
+    rows = D.undrawn_pool_rows(most, len(pool.subject_ids), ds.seed)
+    if len(rows) == 0:
+        raise D.DownstreamDataError(
+            f"downstream.label_pool: the largest draw ({most} cines) uses every one of the {len(pool.subject_ids)} "
+            "pool ECGs, so none is left to label. Enlarge the pool (downstream.pool_n) or lower the ratios.")
+    table = pool_label_table(pool, ds)
+    oracle = build_source("oracle", cfg, pool, None, np.zeros(0, np.int64), out)
+    oracle.fill(np.stack([rows, np.zeros_like(rows)], axis=1))
+    return rows, table, oracle
 
 
 def _encoder_id(path: Path | None) -> str | None:

@@ -148,6 +148,22 @@ def _oracle_column(spec: str, n: int) -> list[Path] | None:
     return [Path(p) if Path(p).is_absolute() else path.parent / p for p in table["oracle_cmr_path"]]
 
 
+def pool_label_table(pool: Pool, ds):
+    """The pool manifest's rows of ``pool.subject_ids``, in that order, for ``downstream.label_pool``
+    (a clear error when the pool has no true cines or lacks a label column)."""
+    import pandas as pd
+
+    from .data import check_label_columns
+
+    if pool.oracle_paths is None:
+        raise DownstreamDataError(
+            f"downstream.label_pool needs the pool's true cines (an 'oracle_cmr_path' column, as the phantom's "
+            f"ECG-only pool has); '{pool.spec}' has none. Set downstream.label_pool=false.")
+    table = pd.read_csv(pool.spec)
+    check_label_columns(table, ds, where=f"pool manifest {pool.spec}")
+    return table.set_index(table["subject_id"].astype(str)).loc[pool.subject_ids].reset_index(drop=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sources
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +258,8 @@ def build_source(name: str, cfg, pool: Pool, prepared, bank_rows: np.ndarray, ou
                 "downstream.sources.")
         from ..data.cmr_io import read_cine
 
-        def make(chunk):
-            return [cine_to_uint8(read_cine(pool.oracle_paths[e])[0]) for e, _ in chunk]
+        def make(chunk):       # cropped as prepare_data.py crops the real cines
+            return [cine_to_uint8(read_cine(pool.oracle_paths[e], crop_mm=cfg.data.crop_mm)[0]) for e, _ in chunk]
 
         return CachedSource(folder / "oracle.npy", len(pool.subject_ids), 1, make, name="oracle")
     if flow is None:
