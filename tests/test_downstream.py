@@ -209,7 +209,10 @@ def test_phantom_config_reads_the_bench_run():
     for section in ("data", "ecg", "vae", "flow", "infer"):
         assert cfg.to_dict()[section] == bench[section], section
     ds = cfg.downstream
-    # 300 % of the 410 train cines = 1230 = 620 pool ECGs x 2 samples, less 10: no generated cine repeats
+    # 300 % of the 100 real cines draws 300 pool ECGs once each; the other 320 are labelled
+    most = D.synthetic_count(ds.real_n, max(ds.ratios))
+    assert most == 300 and len(D.undrawn_pool_rows(most, ds.pool_n, ds.seed)) == 320
+    # without real_n: 300 % of the 410 train cines = 1230 = 620 pool ECGs x 2 samples, less 10
     assert D.synthetic_count(410, max(ds.ratios)) <= ds.pool_n * ds.samples_per_ecg
     assert load_config(ROOT / "configs" / "ukb.yaml").downstream.image_size == 96
 
