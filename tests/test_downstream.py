@@ -227,6 +227,22 @@ def test_tube_mask_hides_the_same_positions_in_every_frame():
         assert set(keep[b].tolist()) | set(masked[b].tolist()) == set(range(36))
 
 
+def test_resized_cines_are_kept_with_the_values_of_a_fresh_batch():
+    from types import SimpleNamespace
+
+    from ecgflowcmr.downstream.pretrain import PretrainSet, ResizedCines, batch_tensor
+
+    prepared = SimpleNamespace(cine=np.random.default_rng(0).integers(0, 256, (6, 50, 96, 96), dtype=np.uint8))
+    data = PretrainSet(prepared, np.arange(6))
+    ds = tiny("downstream.image_size=48", "downstream.patch=8").downstream
+    resized = ResizedCines(data, ds)
+    for items in ([3, 1, 5], [1, 1, 0, 2], [0, 1, 2, 3, 4, 5]):
+        fresh = batch_tensor([data.cine(i) for i in items], ds)
+        assert torch.equal(resized.batch(np.array(items)), fresh) and fresh.shape[2:] == (ds.frames, 48, 48)
+    assert sorted(resized.memo) == [0, 1, 2, 3, 4, 5]
+    assert not ResizedCines(data, ds, limit_bytes=1e3).keep                 # too large: resized per batch
+
+
 def test_mae_learns_to_fill_masked_tubes():
     cfg = tiny()
     torch.manual_seed(0)

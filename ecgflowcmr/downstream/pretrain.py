@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..contract import IMAGE_SIZE, NUM_FRAMES
 from ..data.datasets import cine_from_uint8
 from ..utils.checkpoint import atomic_save, load_checkpoint
 from .vit import VideoMAE, resize_cine
@@ -67,6 +68,28 @@ def batch_tensor(items: list[np.ndarray], ds) -> torch.Tensor:
     return resize_cine(cine, ds.frames, ds.image_size)
 
 
+class ResizedCines:
+    """``data``'s cines at the ViT's input size, each resized once and kept while the whole set fits
+    in ``limit_bytes`` (resizing 96 -> 48 px was a fifth of a CPU step); otherwise resized per batch.
+    Values are those of ``batch_tensor``: the interpolation treats every cine on its own."""
+
+    def __init__(self, data: PretrainSet, ds, limit_bytes: float = 2e9):
+        self.data, self.ds = data, ds
+        size = ds.frames * ds.image_size ** 2 * 4
+        self.keep = (ds.frames, ds.image_size) != (NUM_FRAMES, IMAGE_SIZE) and len(data) * size <= limit_bytes
+        self.memo: dict[int, torch.Tensor] = {}
+
+    def batch(self, items) -> torch.Tensor:
+        """float ``(B, 1, frames, size, size)`` of the item indices ``items``."""
+        if not self.keep:
+            return batch_tensor([self.data.cine(int(i)) for i in items], self.ds)
+        missing = [int(i) for i in items if int(i) not in self.memo]
+        if missing:
+            for i, x in zip(missing, batch_tensor([self.data.cine(i) for i in missing], self.ds)):
+                self.memo[i] = x.clone()
+        return torch.stack([self.memo[int(i)] for i in items])
+
+
 def lr_at(step: int, ds) -> float:
     """Linear warmup, then cosine to 0 at ``pretrain_steps``."""
     if step < ds.pretrain_warmup:
@@ -107,11 +130,12 @@ def pretrain(data: PretrainSet, ds, run_dir: Path, device: torch.device, log=pri
     counts = data.counts()
     log(f"downstream: {run_dir.name}: pretraining {ds.pretrain_steps} steps on {n} cines {counts}")
     model.train()
+    resized = ResizedCines(data, ds)
     losses = []
     bar = tqdm(total=ds.pretrain_steps, initial=step, desc=f"pretrain {run_dir.name}", unit="step")
     while step < ds.pretrain_steps:
         rng = np.random.default_rng([int(ds.seed), 21, step])
-        cines = batch_tensor([data.cine(int(i)) for i in rng.choice(n, size=batch, replace=False)], ds)
+        cines = resized.batch(rng.choice(n, size=batch, replace=False))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, ds)
         loss = model(cines.to(device), generator=torch.Generator().manual_seed(int(ds.seed) * 1_000_003 + step))
