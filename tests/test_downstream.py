@@ -140,6 +140,13 @@ def test_paired_difference_against_hand_computed_values():
     assert _difference_cell(diff["t"]["acc"], "acc") == "+0.200 ± 0.141*"
     assert _difference_cell({"mean": 0.2, "std": 0.1, "n": 3}, "mae") == "+0.20 ± 0.10"   # a larger error: worse
     assert _difference_cell({"mean": -0.2, "std": 0.1, "n": 3}, "mae") == "-0.20 ± 0.10*"
+    from ecgflowcmr.downstream.report import tally
+
+    columns = {"t": {"acc": {"mean": 0.2, "std": 0.1, "n": 3}, "auc": {"mean": 0.05, "std": 0.1, "n": 3}},
+               "ef": {"mae": {"mean": 0.3, "std": 0.1, "n": 3}, "r2": {"mean": float("nan"), "std": 0.0, "n": 0}},
+               "one": {"acc": {"mean": 0.4, "std": 0.0, "n": 1}}}
+    # acc: better beyond; auc: better within; ef mae: worse beyond; r2: unscored; one fold: better, no std
+    assert tally(columns) == {"columns": 4, "better": 3, "better_beyond_std": 1, "worse_beyond_std": 1}
 
 
 def _labelled(features: np.ndarray, classes, phenotypes, folds: int = 4):
@@ -381,6 +388,8 @@ def test_tiny_run_with_a_linear_probe_and_scarce_real_cines(tmp_path, seen):
     assert scores["ef_area"]["r2"]["n"] == 3 and scores["all_classes"]["auc"]["n"] == 3
     md = (out / "downstream.md").read_text()
     assert "linearly probed" in md and "Paired difference to MAE on real" in md
+    assert "| MAE + oracle | 100 % | " in md.split("Against MAE on real")[1]
+    assert result["rows"]["oracle_100"]["vs_real_tally"]["columns"] == 10     # (3 class tasks + 2 phenotypes) x 2 metrics
     assert "vs_real" not in result["rows"]["real"]
     assert result["rows"]["oracle_100"]["vs_real"]["ef_area"]["mae"]["n"] == 3
 

@@ -35,6 +35,23 @@ def _difference_cell(entry: dict | None, metric: str) -> str:
     return f"{entry['mean']:+.{digits}f} ± {entry['std']:.{digits}f}{star}"
 
 
+def tally(vs_real: dict) -> dict:
+    """Over the (task, metric) columns of a paired difference: how many are better than MAE on real,
+    better by more than one paired std, and worse by more than one."""
+    out = {"columns": 0, "better": 0, "better_beyond_std": 0, "worse_beyond_std": 0}
+    for metrics in vs_real.values():
+        for metric, entry in metrics.items():
+            if not entry or entry.get("n", 0) == 0 or math.isnan(entry["mean"]):
+                continue
+            better = entry["mean"] if HIGHER_IS_BETTER.get(metric, True) else -entry["mean"]
+            sure = entry["n"] > 1
+            out["columns"] += 1
+            out["better"] += better > 0
+            out["better_beyond_std"] += sure and better > entry["std"]
+            out["worse_beyond_std"] += sure and -better > entry["std"]
+    return out
+
+
 def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """``downstream.{md,json}``; ``result = {"rows": {row: {"source", "ratio", "counts", "scores"}},
     "setup": {...}}``. Rows as the paper: scratch, MAE on real, then source x ratio."""
@@ -60,6 +77,15 @@ def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
             synthetic = "-" if row["ratio"] is None else f"{row['ratio']} %"
             cells = [_difference_cell(row["vs_real"].get(t, {}).get(m), m) for t, m in columns]
             lines.append(f"| {label} | {synthetic} | " + " | ".join(cells) + " |")
+        lines += ["", "Against MAE on real, over the task-metric columns:", "",
+                  "| pretraining | synthetic | better | better by > 1 paired std | worse by > 1 paired std |",
+                  "|---|---|---|---|---|"]
+        for name, row in paired:
+            label = "ViT from scratch" if name == "scratch" else f"MAE + {row['source']}"
+            synthetic = "-" if row["ratio"] is None else f"{row['ratio']} %"
+            t = row["vs_real_tally"] = tally(row["vs_real"])
+            lines.append(f"| {label} | {synthetic} | {t['better']} / {t['columns']} | {t['better_beyond_std']} | "
+                         f"{t['worse_beyond_std']} |")
     setup = result.get("setup", {})
     notes = [f"- {k}: {v}" for k, v in setup.items() if not isinstance(v, (dict, list))]
     scored = "linearly probed" if str(setup.get("evaluation", "")).startswith("linear") else "fine-tuned"
