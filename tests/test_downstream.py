@@ -449,7 +449,7 @@ def test_missing_pool_or_flow_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "['lvm'] not in the prepared dataset" in capsys.readouterr().err
 
 
-def test_flow_sources_generator_nearest_template(tmp_path, monkeypatch, seen):
+def test_flow_sources_generator_nearest_template(tmp_path, monkeypatch, seen, capsys):
     """The three sources that read a flow checkpoint, on a tiny trained flow (fake VAE)."""
     from downstream import main
     from ecgflowcmr.flow.generator import ECGToCine
@@ -484,6 +484,11 @@ def test_flow_sources_generator_nearest_template(tmp_path, monkeypatch, seen):
     np.testing.assert_array_equal(cine_to_uint8(again), generated[0, 1])    # sample k of that ECG, as infer_flow
     # nearest: real pretraining cines only (never a labelled subject's)
     assert seen["real"] == set(range(6))
+    # another flow checkpoint (or sampler) must not reuse these cines
+    key = json.loads((out / "pool" / "generator.key.json").read_text())
+    assert key["steps"] == 1 and len(key["flow"]) == 16
+    assert main(args + ["infer.steps=2"]) == 2
+    assert "holds cines made with" in capsys.readouterr().err
     # template: the decoded template, whatever the ECG
     from ecgflowcmr.downstream.sources import build_source
 

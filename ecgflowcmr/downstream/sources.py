@@ -173,19 +173,28 @@ class CachedSource:
     """``(M, K, 50, 96, 96)`` uint8 cache + done mask ``(M, K)``; ``fill(rows)`` makes the missing
     (ECG, k) rows with ``make(batch_rows) -> uint8 (B, 50, 96, 96)``."""
 
-    def __init__(self, path: Path, n_ecgs: int, per_ecg: int, make, batch: int = 8, name: str = ""):
+    def __init__(self, path: Path, n_ecgs: int, per_ecg: int, make, batch: int = 8, name: str = "",
+                 key: dict | None = None):
         self.path, self.n_ecgs, self.per_ecg, self.make, self.batch = path, n_ecgs, per_ecg, make, batch
         self.name = name or path.stem
         self.done_path = path.with_name(path.stem + ".done.npy")
+        key_path = path.with_name(path.stem + ".key.json")
         shape = (n_ecgs, per_ecg) + CINE_SHAPE
         fresh = not (path.is_file() and self.done_path.is_file())
         if not fresh:
             cache = np.load(path, mmap_mode="r")
             fresh = tuple(cache.shape) != shape
+        if not fresh and key is not None and key_path.is_file() and json.loads(key_path.read_text()) != key:
+            # a cine made by another model must not pass for this one's (nor its pretraining runs)
+            raise DownstreamDataError(
+                f"'{path}' holds cines made with {json.loads(key_path.read_text())}, not {key}. Delete "
+                f"'{path.parent}' (and the rows pretrained on it) or set downstream.out_dir to another folder.")
         if fresh:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
             np.save(self.done_path, np.zeros((n_ecgs, per_ecg), dtype=bool))
+        if key is not None and (fresh or not key_path.is_file()):
+            key_path.write_text(json.dumps(key))
         self.cache = np.load(path, mmap_mode="r+")
         self.done = np.load(self.done_path)
 
@@ -275,8 +284,13 @@ def build_source(name: str, cfg, pool: Pool, prepared, bank_rows: np.ndarray, ou
             out = flow.generate(ecg, seeds, sampler=inf.sampler, steps=inf.steps, guidance=inf.guidance)
             return cine_to_uint8(out.cine[:, 0].numpy())
 
+        from ..utils.checkpoint import file_hash
+
+        key = {"flow": file_hash(flow.info["checkpoint"]), "vae": flow.info.get("vae_hash"),
+               "ecg": flow.info.get("ecg_hash"), "sampler": inf.sampler, "steps": inf.steps,
+               "guidance": inf.guidance, "seed": inf.seed}
         return CachedSource(folder / "generator.npy", len(pool.subject_ids), ds.samples_per_ecg, make,
-                            batch=inf.batch_size, name="generator")
+                            batch=inf.batch_size, name="generator", key=key)
     if name == "nearest":
         return NearestSource(prepared, bank_rows, _nearest_choice(flow, pool, prepared, bank_rows, folder))
     if name == "template":
