@@ -128,14 +128,15 @@ def plot(result: dict, out_dir: Path) -> Path | None:
                 ax.axhline(entry["mean"], ls=style, color="grey", label=name)
                 ax.axhspan(entry["mean"] - entry["std"], entry["mean"] + entry["std"], color="grey", alpha=0.1)
         real = rows.get("real", {}).get("scores", {}).get(task, {}).get(metric)
-        for source in sources:
+        for j, source in enumerate(sources):
+            shift = (j - (len(sources) - 1) / 2) * 4      # a few % apart: the error bars stay readable
             pts = sorted((r["ratio"], r["scores"].get(task, {}).get(metric)) for r in rows.values()
                          if r["source"] == source)
             if real and real["n"]:
                 pts = [(0, real)] + pts
             pts = [(x, e) for x, e in pts if e and e["n"]]
             if pts:
-                ax.errorbar([x for x, _ in pts], [e["mean"] for _, e in pts], yerr=[e["std"] for _, e in pts],
+                ax.errorbar([x + shift for x, _ in pts], [e["mean"] for _, e in pts], yerr=[e["std"] for _, e in pts],
                             marker="o", capsize=2, label=source)
         ax.set_title(f"{task} {metric}", fontsize=8)
         ax.set_xlabel("synthetic, % of real", fontsize=7)
