@@ -406,8 +406,11 @@ def test_undrawn_pool_subjects_join_the_labelled_set_and_are_never_drawn(tmp_pat
     assert main(args + ["--only", "oracle_50"]) == 0
     out = tmp_path / "run" / "downstream"
     subjects = json.loads((out / "subjects.json").read_text())["labelled"]
-    assert main(args) == 0
+    assert main(args + ["--only", "oracle_100"]) == 0
+    assert main(args + ["--only", "scratch,real"]) == 0
     assert json.loads((out / "subjects.json").read_text())["labelled"] == subjects
+    # the table keeps the plan's order, whatever ran first
+    assert list(json.loads((out / "downstream.json").read_text())["rows"]) == ["scratch", "real", "oracle_50", "oracle_100"]
     pool_ids = json.loads((out / "pool" / "pool.json").read_text())["subjects"]
     assert len(pool_ids) == 10
     drawn = {pool_ids[e] for e in seen["pool"]}

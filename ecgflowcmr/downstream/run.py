@@ -120,6 +120,8 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
         record = finetune_row(row, encoder, lab, ds, scores, device, key, log)
         table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
     merged = _merge_existing(out, table_rows, only)
+    order = [r for r, _, _ in plan_rows(ds)]                  # the table's order, whatever ran first
+    merged = {**{r: merged[r] for r in order if r in merged}, **{r: v for r, v in merged.items() if r not in order}}
     _add_paired_differences(merged, out, ds.probe)
     result = {"rows": merged,
               "setup": {"labelled subjects": (f"{len(labelled_ids)} ({len(extra[0])} from the pool)" if extra
