@@ -433,6 +433,31 @@ def test_undrawn_pool_subjects_join_the_labelled_set_and_are_never_drawn(tmp_pat
     assert "['class', 'ef_area', 'lv_ed_area_mm2'] not in pool manifest" in capsys.readouterr().err
 
 
+def test_jobs_pretrain_rows_in_worker_processes_with_the_same_data(tmp_path):
+    from downstream import main
+
+    data = _prepared(tmp_path / "data")
+    manifest = _pool(tmp_path / "pool", 8, labelled_id="S0013")
+    base = ["--config", str(TINY_YAML), f"data.root={data}", f"downstream.pool={manifest}",
+            "downstream.sources=[oracle]", "downstream.probe=linear"]
+    assert main(base + [f"run_dir={tmp_path / 'seq'}"]) == 0
+    assert main(base + [f"run_dir={tmp_path / 'par'}", "--jobs", "2"]) == 0
+    seq, par = tmp_path / "seq" / "downstream", tmp_path / "par" / "downstream"
+    logs = sorted((par / "logs").glob("worker_*.log"))
+    assert len(logs) == 2                                   # rows real, oracle_100, oracle_200 dealt to 2 workers
+    assert "real: pretraining 3 steps" in logs[0].read_text() and "oracle_200: pretraining" in logs[0].read_text()
+    assert "oracle_100: pretraining" in logs[1].read_text() and "real: pretraining" not in logs[1].read_text()
+
+    def fingerprints(out):
+        return {p.parent.name: torch.load(p, weights_only=True)["fingerprint"] for p in (out / "pretrain").rglob("encoder.pt")}
+
+    assert fingerprints(par) == fingerprints(seq) and len(fingerprints(par)) == 3
+    rows = json.loads((par / "downstream.json").read_text())["rows"]
+    assert list(rows) == ["scratch", "real", "oracle_100", "oracle_200"]
+    assert {k: v["counts"] for k, v in rows.items()} == \
+        {k: v["counts"] for k, v in json.loads((seq / "downstream.json").read_text())["rows"].items()}
+
+
 def test_missing_pool_or_flow_checkpoint_is_a_clear_error(tmp_path, capsys):
     from downstream import main
 

@@ -93,7 +93,7 @@ def write_table(result: dict, out_dir: Path) -> tuple[Path, Path]:
                       *notes, ""])
     md, js = out_dir / "downstream.md", out_dir / "downstream.json"
     for path, content in ((md, text), (js, json.dumps(result, indent=1, default=_plain))):
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")      # parallel workers write it too
         tmp.write_text(content)
         os.replace(tmp, path)
     return md, js

@@ -14,6 +14,9 @@ Rows: ``scratch`` (no pretraining), ``real`` (MAE on the real pretraining cines;
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +48,9 @@ def plan_rows(ds) -> list[tuple[str, str | None, int | None]]:
     return rows
 
 
-def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
-    """Run (or resume) every row, then write the table and plots; returns the table's dict."""
+def run(cfg: Config, only: list[str] | None = None, log=print, prepare_only: bool = False) -> dict:
+    """Run (or resume) every row, then write the table and plots; returns the table's dict.
+    ``prepare_only``: stop once the pool, its synthetic cines and ``subjects.json`` are written."""
     ds = cfg.downstream
     out = out_dir_of(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,8 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
             source.fill(draws[name])
             sources[name] = source
         log(f"downstream: pool of {len(pool.subject_ids)} ECGs ({pool.spec}); up to {most} synthetic cines per row")
+    if prepare_only:
+        return {}
 
     key_common = {"arch": {k: getattr(ds, k) for k in ARCH_KEYS}, "labelled": labelled_ids,
                   "folds": ds.folds, "epochs": ds.finetune_epochs, "batch": ds.finetune_batch,
@@ -137,6 +143,32 @@ def run(cfg: Config, only: list[str] | None = None, log=print) -> dict:
     figure = plot(result, out)
     log(f"downstream: wrote {md}, {js}" + (f", {figure}" if figure else " (matplotlib missing: no plot)"))
     return result
+
+
+def run_parallel(cfg: Config, config_path: str, overrides: list[str], jobs: int, only: list[str] | None = None,
+                 log=print) -> None:
+    """Pretrain the rows in ``jobs`` worker processes (``downstream.py --only <their rows>``, cores /
+    jobs torch threads each, logs in ``<out>/logs/``). The pool and every synthetic cine are made
+    first, here, so the workers only read them; ``run`` afterwards scores every row and writes the table."""
+    run(cfg, only, log, prepare_only=True)
+    rows = [r for r, source, _ in plan_rows(cfg.downstream) if source is not None and (not only or r in only)]
+    groups = [rows[i::jobs] for i in range(jobs) if rows[i::jobs]]
+    out = out_dir_of(cfg)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+    script = Path(__file__).resolve().parents[2] / "downstream.py"
+    workers = []
+    for k, group in enumerate(groups):
+        path = out / "logs" / f"worker_{k}.log"
+        log(f"downstream: worker {k} pretrains {group} (log: {path})")
+        with open(path, "w") as fh:
+            workers.append((path, subprocess.Popen(
+                [sys.executable, str(script), "--config", config_path, "--only", ",".join(group), *overrides],
+                stdout=fh, stderr=subprocess.STDOUT, env=env)))
+    failed = [path for path, proc in workers if proc.wait() != 0]
+    if failed:
+        tail = "".join(failed[0].read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{len(failed)} downstream worker(s) failed; the end of {failed[0]}:\n{tail}")
 
 
 def labelled_set(prepared: Prepared, subjects: D.Subjects, ds, extra=None) -> tuple[Labelled, list[str]]:
