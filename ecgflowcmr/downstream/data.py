@@ -59,7 +59,8 @@ def select_subjects(table, ds) -> Subjects:
     return Subjects(candidates, pretrain, sorted(labelled_ids))
 
 
-def check_label_columns(table, ds, where: str = "the prepared dataset's subjects.csv") -> None:
+def check_label_columns(table, ds, where: str = "the prepared dataset's subjects.csv (prepare_data.py copies "
+                                                 "every non-path column of its manifest there)") -> None:
     """Every configured label column exists (and regression columns are numeric and complete)."""
     wanted = ([ds.class_column] if ds.class_column else []) + list(ds.regression_columns)
     missing = [c for c in wanted if c not in table.columns]
@@ -67,8 +68,8 @@ def check_label_columns(table, ds, where: str = "the prepared dataset's subjects
         known = [c for c in table.columns if c not in ("index", "subject_id", "split")]
         raise DownstreamDataError(
             f"label column(s) {missing} not in {where} (label columns there: "
-            f"{known or 'none'}). Label columns come from the manifest given to prepare_data.py; fix "
-            f"downstream.class_column / downstream.regression_columns or add them to the manifest.")
+            f"{known or 'none'}). Fix downstream.class_column / downstream.regression_columns or add "
+            f"the columns to the manifest.")
 
 
 def labels_of(table, rows: np.ndarray, ds) -> tuple[np.ndarray | None, np.ndarray]:

@@ -23,7 +23,7 @@ import torch
 
 from ..contract import ECG_SAMPLES, NUM_LEADS
 from ..data.datasets import cine_to_uint8
-from .data import DownstreamDataError
+from .data import DownstreamDataError, check_label_columns
 
 CINE_SHAPE = (50, 96, 96)
 
@@ -152,8 +152,6 @@ def pool_label_table(pool: Pool, ds):
     """The pool manifest's rows of ``pool.subject_ids``, in that order, for ``downstream.label_pool``
     (a clear error when the pool has no true cines or lacks a label column)."""
     import pandas as pd
-
-    from .data import check_label_columns
 
     if pool.oracle_paths is None:
         raise DownstreamDataError(
