@@ -26,11 +26,18 @@ def _cell(entry: dict | None, digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
-def _difference_cell(entry: dict | None, metric: str) -> str:
+def _gain(entry: dict | None, metric: str) -> float | None:
+    """A paired difference's mean, signed so that > 0 is better than MAE on real; None if unscored."""
     if not entry or entry.get("n", 0) == 0 or math.isnan(entry["mean"]):
+        return None
+    return entry["mean"] if HIGHER_IS_BETTER.get(metric, True) else -entry["mean"]
+
+
+def _difference_cell(entry: dict | None, metric: str) -> str:
+    better = _gain(entry, metric)
+    if better is None:
         return "n/a"
     digits = 2 if metric == "mae" else 3
-    better = entry["mean"] if HIGHER_IS_BETTER.get(metric, True) else -entry["mean"]
     star = "*" if entry["n"] > 1 and better > entry["std"] else ""
     return f"{entry['mean']:+.{digits}f} ± {entry['std']:.{digits}f}{star}"
 
@@ -41,9 +48,9 @@ def tally(vs_real: dict) -> dict:
     out = {"columns": 0, "better": 0, "better_beyond_std": 0, "worse_beyond_std": 0}
     for metrics in vs_real.values():
         for metric, entry in metrics.items():
-            if not entry or entry.get("n", 0) == 0 or math.isnan(entry["mean"]):
+            better = _gain(entry, metric)
+            if better is None:
                 continue
-            better = entry["mean"] if HIGHER_IS_BETTER.get(metric, True) else -entry["mean"]
             sure = entry["n"] > 1
             out["columns"] += 1
             out["better"] += better > 0

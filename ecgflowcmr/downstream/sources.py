@@ -182,16 +182,17 @@ class CachedSource:
         if not fresh:
             cache = np.load(path, mmap_mode="r")
             fresh = tuple(cache.shape) != shape
-        if not fresh and key is not None and key_path.is_file() and json.loads(key_path.read_text()) != key:
+        saved = json.loads(key_path.read_text()) if key is not None and key_path.is_file() else None
+        if not fresh and saved is not None and saved != key:
             # a cine made by another model must not pass for this one's (nor its pretraining runs)
             raise DownstreamDataError(
-                f"'{path}' holds cines made with {json.loads(key_path.read_text())}, not {key}. Delete "
+                f"'{path}' holds cines made with {saved}, not {key}. Delete "
                 f"'{path.parent}' (and the rows pretrained on it) or set downstream.out_dir to another folder.")
         if fresh:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
             np.save(self.done_path, np.zeros((n_ecgs, per_ecg), dtype=bool))
-        if key is not None and (fresh or not key_path.is_file()):
+        if key is not None and (fresh or saved is None):
             key_path.write_text(json.dumps(key))
         self.cache = np.load(path, mmap_mode="r+")
         self.done = np.load(self.done_path)
