@@ -9,7 +9,7 @@ Per stage (PA-MAE; VAE with its PatchGAN and LPIPS when on; flow DiT; generation
 activations of a bf16 training step, the peak, the headroom on a ``--gpu-gb`` GPU, FLOPs per step
 and per generated video, and the time this implies on an A100 / H100 at ``--utilisation`` of the
 bf16 dense peak (A100 312, H100 SXM 989 TFLOP/s). How memory and FLOPs are estimated (fake
-tensors with CUDA's autocast rules and flash attention): ``ecgflowcmr/utils/gpu_plan.py``.
+tensors with CUDA's autocast rules and flash attention): ``ecgflowcmr/gpu_plan.py``.
 Exits 1 when a stage leaves less than ``--min-headroom``.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ecgflowcmr.config import load_config
-    from ecgflowcmr.utils import gpu_plan
+    from ecgflowcmr import gpu_plan
 
     cfg = load_config(args.config, list(args.overrides))
     t0 = time.time()

@@ -410,15 +410,39 @@ def config_from_dict(values: dict) -> Config:
     return cfg.validate()
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: sections merge key by key, any other value (lists too) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML experiment file as a dict, its ``base:`` (a path relative to the file) resolved first:
+    an experiment states only how it differs from the one it builds on. Bases chain; a loop is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found" + (f" (base of '{_chain[-1]}')" if _chain else ""))
+    if path.resolve() in _chain:
+        raise ConfigError(f"config base loop: {' -> '.join(str(p) for p in (*_chain, path.resolve()))}")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file holds sections and keys, got {type(values).__name__}")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: config key 'base' must be the path of another config file, got {base!r}")
+    return _merge(read_config_file(path.parent / base, (*_chain, path.resolve())), values)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML experiment file, apply dotted overrides, validate."""
+    """Read a YAML experiment file (and the ``base:`` files it builds on), apply dotted overrides, validate."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        values = read_config_file(path)
         try:
             _fill(cfg, values)
         except ConfigError as err:

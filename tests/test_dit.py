@@ -119,7 +119,7 @@ def test_config_sizes_build_including_ukb_on_meta_device():
 
 
 def test_activation_checkpointing_same_gradients_fewer_saved_tensors():
-    from ecgflowcmr.utils.gpu_plan import SavedBytes
+    from ecgflowcmr.gpu_plan import SavedBytes
 
     cfg = load_config(None, ["flow.hidden=32", "flow.depth=3", "flow.heads=4", "flow.patch_size=2",
                              "flow.grad_checkpoint=true"])

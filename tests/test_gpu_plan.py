@@ -3,7 +3,7 @@ modules, and configs/ukb.yaml within 80 GB with 10 % headroom."""
 import torch
 
 from ecgflowcmr.config import load_config
-from ecgflowcmr.utils import gpu_plan
+from ecgflowcmr import gpu_plan
 
 from .conftest import ROOT
 

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from ecgflowcmr.data import ecg_io
-from ecgflowcmr.data import phantom as ph
-from ecgflowcmr.data import phantom_figure
+from ecgflowcmr.phantom import build
+from ecgflowcmr.phantom import v1 as ph
+from ecgflowcmr.phantom import figure as phantom_figure
 from ecgflowcmr.ecg import phase
 
 SEED = 0
@@ -24,7 +25,7 @@ N = 5            # indices 0-3 form one class block: 2 normal, 1 dilated, 1 hype
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom")
-    manifest = ph.generate(out, N, seed=SEED, workers=1, progress=False)
+    manifest = build.generate(out, N, seed=SEED, workers=1, progress=False)
     return out, pd.read_csv(manifest, dtype={"subject_id": str})
 
 
@@ -79,7 +80,7 @@ def test_files_shapes_dtypes_affine(phantom):
 
 def test_deterministic_whatever_the_workers(phantom, tmp_path):
     out, m = phantom
-    again = ph.generate(tmp_path / "again", 2, seed=SEED, workers=2, progress=False)
+    again = build.generate(tmp_path / "again", 2, seed=SEED, workers=2, progress=False)
     for sid in m.subject_id[:2]:
         for sub, suffix in (("cmr", ".nii.gz"), ("masks", ".nii.gz")):
             a = _load(out / sub / f"{sid}{suffix}")[1]
@@ -93,10 +94,10 @@ def test_deterministic_whatever_the_workers(phantom, tmp_path):
 
 def test_resume_and_cli(tmp_path):
     out = tmp_path / "ph"
-    assert ph.main(["--out", str(out), "--n", "2", "--seed", "5", "--quiet"]) == 0
+    assert build.main(["--out", str(out), "--n", "2", "--seed", "5", "--quiet"]) == 0
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.*")}
     (out / "cmr" / "PH00001.nii.gz").unlink()               # an interrupted subject
-    ph.generate(out, 3, seed=5, progress=False)
+    build.generate(out, 3, seed=5, progress=False)
     assert (out / "cmr" / "PH00001.nii.gz").is_file() and (out / "truth" / "PH00002.json").is_file()
     assert (out / "ecg" / "PH00000.xml").stat().st_mtime_ns == stamps[out / "ecg" / "PH00000.xml"]
     assert (out / "truth" / "PH00000.json").stat().st_mtime_ns == stamps[out / "truth" / "PH00000.json"]
@@ -248,21 +249,21 @@ def test_figure(phantom, tmp_path):
 def test_ecg_only_pool_leaves_the_paired_subjects_unchanged(phantom, tmp_path):
     out, m = phantom
     other = tmp_path / "with_pool"
-    assert ph.main(["--out", str(other), "--n", "2", "--seed", str(SEED), "--ecg-only", "3", "--quiet"]) == 0
+    assert build.main(["--out", str(other), "--n", "2", "--seed", str(SEED), "--ecg-only", "3", "--quiet"]) == 0
     for sid in m.subject_id[:2]:
         for sub in ("ecg", "cmr", "masks", "truth"):
             name = f"{sid}.xml" if sub == "ecg" else f"{sid}.json" if sub == "truth" else f"{sid}.nii.gz"
             assert (out / sub / name).read_bytes() == (other / sub / name).read_bytes(), (sub, sid)
     paired = pd.read_csv(other / "manifest.csv", dtype={"subject_id": str})
     pd.testing.assert_frame_equal(paired, m.iloc[:2].reset_index(drop=True))
-    pool = pd.read_csv(other / ph.POOL_DIR / "manifest.csv", dtype={"subject_id": str})
+    pool = pd.read_csv(other / build.POOL_DIR / "manifest.csv", dtype={"subject_id": str})
     assert list(pool.subject_id) == ["PH100000", "PH100001", "PH100002"]
     assert "cmr_path" not in pool.columns and "oracle_cmr_path" in pool.columns   # never read as pairs
-    truth = json.loads((other / ph.POOL_DIR / "truth" / "PH100001.json").read_text())
-    assert truth["params"]["index"] == ph.POOL_START + 1
+    truth = json.loads((other / build.POOL_DIR / "truth" / "PH100001.json").read_text())
+    assert truth["params"]["index"] == build.POOL_START + 1
     # the oracle cine is the phantom's true cine of that ECG-only subject
-    cine = _load(other / ph.POOL_DIR / pool.oracle_cmr_path[1])[1][:, :, 0, :]
-    np.testing.assert_array_equal(cine, np.moveaxis(ph.simulate(SEED, ph.POOL_START + 1)["cine"], 0, -1))
+    cine = _load(other / build.POOL_DIR / pool.oracle_cmr_path[1])[1][:, :, 0, :]
+    np.testing.assert_array_equal(cine, np.moveaxis(ph.simulate(SEED, build.POOL_START + 1)["cine"], 0, -1))
 
 
 def test_qt_without_any_measurable_t_end_falls_back_to_the_simulated_qt():

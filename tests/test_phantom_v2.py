@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 from ecgflowcmr.config import ConfigError, config_from_dict
-from ecgflowcmr.data import phantom as ph
-from ecgflowcmr.data import phantom_v2 as v2
-from ecgflowcmr.data.prepare import PrepareError, prepare
+from ecgflowcmr.phantom import build
+from ecgflowcmr.phantom import v1 as ph
+from ecgflowcmr.phantom import v2
+from ecgflowcmr.data.prepare import PrepareError
+from ecgflowcmr.prepare_data import prepare_dataset as prepare
 
 from .conftest import ROOT
 
@@ -44,7 +46,7 @@ def _realism():
 @pytest.fixture(scope="module")
 def v2_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom_v2")
-    ph.generate(out, 4, seed=3, workers=1, progress=False, version=2)
+    build.generate(out, 4, seed=3, workers=1, progress=False, version=2)
     return out
 
 
@@ -56,7 +58,7 @@ def test_version_1_is_bit_for_bit_unchanged(seed, index):
 
 
 def test_version_1_manifest_unchanged(tmp_path):
-    manifest = ph.generate(tmp_path, 4, seed=0, workers=1, progress=False)
+    manifest = build.generate(tmp_path, 4, seed=0, workers=1, progress=False)
     assert hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] == V1_MANIFEST_N4
     assert "phantom_version" not in pd.read_csv(manifest).columns
 
@@ -68,7 +70,7 @@ def test_v2_deterministic_per_seed_and_workers(v2_dir, tmp_path):
     for key in ("cine", "masks", "ecg"):
         np.testing.assert_array_equal(a[key], b[key])
     assert _digest(v2.simulate(4, 1)) != _digest(a)
-    ph.generate(tmp_path, 3, seed=3, workers=2, progress=False, version=2)
+    build.generate(tmp_path, 3, seed=3, workers=2, progress=False, version=2)
     for sid in ("PH00000", "PH00002"):
         for sub in ("cmr", "masks"):
             np.testing.assert_array_equal(np.asarray(nib.load(v2_dir / sub / f"{sid}.nii.gz").dataobj),
@@ -95,10 +97,10 @@ def test_v2_files_layout_and_truth(v2_dir):
 
 def test_v2_resume_keeps_done_subjects_and_other_prevalence_redoes_them(v2_dir):
     before = (v2_dir / "truth" / "PH00000.json").stat().st_mtime_ns
-    ph.generate(v2_dir, 4, seed=3, workers=1, progress=False, version=2)
+    build.generate(v2_dir, 4, seed=3, workers=1, progress=False, version=2)
     assert (v2_dir / "truth" / "PH00000.json").stat().st_mtime_ns == before
-    assert not ph._is_done(v2_dir, 3, 0, 2, [1.0, 0.0, 0.0])
-    assert not ph._is_done(v2_dir, 3, 0, 1)
+    assert not build._is_done(v2_dir, 3, 0, 2, [1.0, 0.0, 0.0])
+    assert not build._is_done(v2_dir, 3, 0, 1)
 
 
 def test_prevalence_and_class_draws():
@@ -133,7 +135,7 @@ def test_unmeasurable_qrs_offset_falls_back_to_the_simulated_interval(tmp_path):
     simulated QRS duration as the truth."""
     for folder in ("ecg", "cmr", "masks", "truth"):
         (tmp_path / folder).mkdir()
-    truth = ph.generate_subject(tmp_path, 1, 319, version=2, prevalence=v2.DEFAULT_PREVALENCE)
+    truth = build.generate_subject(tmp_path, 1, 319, version=2, prevalence=v2.DEFAULT_PREVALENCE)
     sim = v2.simulate(1, 319, v2.DEFAULT_PREVALENCE)
     assert not np.isfinite(sim["delineation"]["qrs_off"]).any()
     assert truth["manifest"]["qrs_ms"] == pytest.approx(sim["params"]["qrs_target_ms"])
@@ -148,11 +150,11 @@ def test_area_length_round_trip():
 
 
 def test_cli_version_and_prevalence(tmp_path):
-    assert ph.main(["--out", str(tmp_path), "--n", "1", "--version", "2", "--prevalence", "0,0,1", "--quiet"]) == 0
+    assert build.main(["--out", str(tmp_path), "--n", "1", "--version", "2", "--prevalence", "0,0,1", "--quiet"]) == 0
     m = pd.read_csv(tmp_path / "manifest.csv")
     assert list(m["class"]) == ["hypertrophic"] and list(m["phantom_version"]) == [2]
     with pytest.raises(SystemExit):
-        ph.main(["--out", str(tmp_path), "--n", "1", "--version", "2", "--prevalence", "0.5,0.5", "--quiet"])
+        build.main(["--out", str(tmp_path), "--n", "1", "--version", "2", "--prevalence", "0.5,0.5", "--quiet"])
 
 
 # ----------------------------------------------------------------------------- config and prepare
@@ -176,7 +178,7 @@ def test_prepare_refuses_another_phantom_version(v2_dir, tmp_path):
         prepare(_cfg(tmp_path, v2_dir, 1, 4), max_records=0, progress=False)
     # a phantom manifest without the column is version 1's
     v1_dir = tmp_path / "v1"
-    ph.generate(v1_dir, 2, seed=0, workers=1, progress=False)
+    build.generate(v1_dir, 2, seed=0, workers=1, progress=False)
     with pytest.raises(PrepareError, match=r"phantom version 1, but data.phantom_version is 2"):
         prepare(_cfg(tmp_path, v1_dir, 2, 5), max_records=0, progress=False)   # not regenerated either
     assert len(pd.read_csv(v1_dir / "manifest.csv")) == 2

@@ -15,7 +15,8 @@ from tests.test_ecg_io import write_ukb_xml
 from ecgflowcmr.config import config_from_dict, save_config
 from ecgflowcmr.data import prepare as prep
 from ecgflowcmr.data.datasets import Prepared, PreparedDataset
-from ecgflowcmr.data.prepare import PrepareError, prepare
+from ecgflowcmr.data.prepare import PrepareError
+from ecgflowcmr.prepare_data import prepare_dataset as prepare
 
 # Record 3 and 4 belong to the same subject; record 2 has a corrupt ECG, record 5 an empty cine.
 SUBJECTS = ["S000", "S001", "S002", "S003", "S003", "S004", "S005", "S006"]

@@ -1,13 +1,11 @@
 """Data preparation: a manifest of raw files -> the prepared dataset of ``datasets.py``.
 
-``prepare(cfg)`` (``python prepare_data.py --config configs/<exp>.yaml``):
+``prepare(cfg, manifest)`` (``python prepare_data.py --config configs/<exp>.yaml``):
 
-1. Finds the manifest: ``data.manifest``, or, when that is "" (the default), the phantom's
-   ``<phantom_dir>/manifest.csv``, generating the phantom first if it is missing or holds another
-   number of subjects than ``data.phantom_n`` (phantom generation itself resumes), with
-   ``data.phantom_version`` (and, for version 2, ``data.phantom_prevalence``). A manifest written by
-   another phantom version than the config's is refused (its ``phantom_version`` column; a phantom
-   manifest without one is version 1); ``meta.json`` records the version (null for other data).
+1. Takes the manifest it is given (``data.manifest`` by default). Where it comes from is not this
+   module's business: ``prepare_data.py`` passes the phantom's (``ecgflowcmr.phantom.source``) when
+   ``data.manifest`` is empty, and the facts it records about it (``source_meta``, e.g. the phantom
+   version) land in ``meta.json``.
 2. Reads every record in worker processes (``data.workers``; 0 or 1 = in this process; at most
    4 records per worker in flight, results taken in manifest order): the ECG
    (``ecg_io.read_ecg``, 10 s at 500 Hz), its R-peaks (``phase.detect_rpeaks``), the cine
@@ -83,8 +81,12 @@ class PrepareError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare(cfg, max_records: int | None = None, progress: bool = True) -> Path:
-    """Prepare ``cfg.data_root`` from the manifest; returns the root.
+def prepare(cfg, manifest: str | Path | None = None, max_records: int | None = None, progress: bool = True,
+            source_meta: dict | None = None) -> Path:
+    """Prepare ``cfg.data_root`` from ``manifest`` (default: ``data.manifest``); returns the root.
+
+    ``source_meta``: facts about where the manifest came from (e.g. ``{"phantom_version": 2}``),
+    recorded in ``meta.json``.
 
     With ``data.unpaired_ecg``, the ECG-only records follow once the paired dataset is complete
     (``prepare_ecg_only``, into ``cfg.unpaired_root``).
@@ -92,18 +94,24 @@ def prepare(cfg, max_records: int | None = None, progress: bool = True) -> Path:
     resumable, incomplete dataset (``meta.json`` says ``complete: false``): for time-limited jobs
     and tests. ``progress``: show a tqdm bar.
     """
-    root = _prepare_paired(cfg, max_records, progress)
+    if manifest is None:
+        if not cfg.data.manifest:
+            raise PrepareError("no manifest: set data.manifest to your CSV (subject_id, ecg_path, cmr_path), or run "
+                               "prepare_data.py, which generates the phantom when data.manifest is empty")
+        manifest = cfg.manifest_path
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest '{manifest}' (data.manifest) not found")
+    root = _prepare_paired(cfg, manifest, max_records, progress, source_meta or {})
     if cfg.data.unpaired_ecg and Path(root / "meta.json").is_file() and \
             json.loads((root / "meta.json").read_text()).get("complete"):
         prepare_ecg_only(cfg, max_records, progress)
     return root
 
 
-def _prepare_paired(cfg, max_records: int | None, progress: bool) -> Path:
+def _prepare_paired(cfg, manifest_path: Path, max_records: int | None, progress: bool, source_meta: dict) -> Path:
     root = Path(cfg.data_root)
-    manifest_path = _ensure_manifest(cfg)
     table = read_manifest(manifest_path)
-    phantom_version = check_phantom_version(table, manifest_path, cfg)
     fingerprint = _fingerprint(manifest_path, cfg)
     split_params = {"fractions": list(cfg.data.split_fractions), "seed": int(cfg.data.split_seed)}
     use_masks = _use_masks(table, manifest_path)
@@ -126,7 +134,7 @@ def _prepare_paired(cfg, max_records: int | None, progress: bool) -> Path:
     if len(state.done) < len(table):
         log.info("stopped with %d of %d records done; re-run to continue", len(state.done), len(table))
         return root
-    _finalise(state, table, manifest_path, split_params, use_masks, phantom_version)
+    _finalise(state, table, manifest_path, split_params, use_masks, source_meta)
     return root
 
 
@@ -145,55 +153,6 @@ def _existing_meta(root: Path, fingerprint: str, source: Path) -> dict | None:
             f"(meta.json fingerprint differs from {source}). Delete '{root}' to rebuild it, "
             f"or set data.root to another folder.")
     return meta
-
-
-def _ensure_manifest(cfg) -> Path:
-    manifest = cfg.manifest_path
-    if cfg.data.manifest:
-        if not manifest.is_file():
-            raise FileNotFoundError(f"manifest '{manifest}' (data.manifest) not found")
-        return manifest
-    if manifest.is_file():
-        table = read_manifest(manifest)
-        check_phantom_version(table, manifest, cfg)       # before a regeneration could mix versions
-        rows = len(table)
-        if rows == cfg.data.phantom_n:
-            return manifest
-        log.info("phantom manifest '%s' has %d subjects, data.phantom_n is %d: updating the phantom",
-                 manifest, rows, cfg.data.phantom_n)
-    else:
-        log.info("phantom manifest '%s' missing: generating %d phantom subjects in '%s'",
-                 manifest, cfg.data.phantom_n, cfg.phantom_path)
-    from .phantom import generate
-
-    generate(cfg.phantom_path, cfg.data.phantom_n, cfg.data.phantom_seed, workers=cfg.data.workers,
-             version=cfg.data.phantom_version, prevalence=cfg.data.phantom_prevalence)
-    if not manifest.is_file():
-        raise PrepareError(f"phantom generation did not write '{manifest}'")
-    return manifest
-
-
-def manifest_phantom_version(table, is_phantom: bool) -> int | None:
-    """The phantom version that wrote a manifest: its ``phantom_version`` column; version 1 wrote
-    none, so a phantom's manifest without the column is version 1, any other manifest None."""
-    if "phantom_version" not in table.columns:
-        return 1 if is_phantom else None
-    values = set(table["phantom_version"].dropna().astype(int))
-    if len(values) != 1:
-        raise PrepareError(f"manifest column phantom_version holds {sorted(values)}: one phantom version per manifest")
-    return values.pop()
-
-
-def check_phantom_version(table, manifest_path: Path, cfg) -> int | None:
-    """The manifest's phantom version (None for data that is not the phantom's); a version other
-    than ``data.phantom_version`` is an error."""
-    version = manifest_phantom_version(table, is_phantom=not cfg.data.manifest)
-    if version is not None and version != cfg.data.phantom_version:
-        raise PrepareError(
-            f"manifest '{manifest_path}' was written by phantom version {version}, but data.phantom_version is "
-            f"{cfg.data.phantom_version}. Set data.phantom_version={version} to use it, or point data.phantom_dir "
-            f"(and data.root) at another folder to generate and prepare version {cfg.data.phantom_version}.")
-    return version
 
 
 def read_manifest(path: str | Path):
@@ -703,7 +662,7 @@ def _finalise_records(state: _State, table, manifest_path: Path) -> list[dict]:
 
 
 def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use_masks: bool,
-              phantom_version: int | None = None) -> None:
+              source_meta: dict) -> None:
     root = state.root
     kept = _finalise_records(state, table, manifest_path)
     n, rejected = len(kept), len(table) - len(kept)
@@ -711,8 +670,8 @@ def _finalise(state: _State, table, manifest_path: Path, split_params: dict, use
     meta = {"n": n, "ecg_fs": TARGET_FS, "num_frames": NUM_FRAMES, "image_size": IMAGE_SIZE,
             "leads": LEADS, "masks": use_masks, "max_rpeaks": max_r, "rejected": rejected,
             "manifest": str(manifest_path), "fingerprint": json.loads((root / "meta.json").read_text())
-            ["fingerprint"], "format_version": FORMAT_VERSION, "phantom_version": phantom_version,
-            "complete": False}
+            ["fingerprint"], "format_version": FORMAT_VERSION, "phantom_version": None,
+            **source_meta, "complete": False}
     _write_tables(root, table, manifest_path, split_params, meta, rewrite_splits_only=False,
                   kept_rows=[e["i"] for e in kept])
     shutil.rmtree(root / WORK_DIR, ignore_errors=True)

@@ -147,7 +147,7 @@ def run(cfg: Config, only: list[str] | None = None, log=print, prepare_only: boo
 
 def run_parallel(cfg: Config, config_path: str, overrides: list[str], jobs: int, only: list[str] | None = None,
                  log=print) -> None:
-    """Pretrain the rows in ``jobs`` worker processes (``downstream.py --only <their rows>``, cores /
+    """Pretrain the rows in ``jobs`` worker processes (``python -m ecgflowcmr.downstream --only <their rows>``, cores /
     jobs torch threads each, logs in ``<out>/logs/``). The pool and every synthetic cine are made
     first, here, so the workers only read them; ``run`` afterwards scores every row and writes the table."""
     run(cfg, only, log, prepare_only=True)
@@ -156,14 +156,13 @@ def run_parallel(cfg: Config, config_path: str, overrides: list[str], jobs: int,
     out = out_dir_of(cfg)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
-    script = Path(__file__).resolve().parents[2] / "downstream.py"
     workers = []
     for k, group in enumerate(groups):
         path = out / "logs" / f"worker_{k}.log"
         log(f"downstream: worker {k} pretrains {group} (log: {path})")
         with open(path, "w") as fh:
             workers.append((path, subprocess.Popen(
-                [sys.executable, str(script), "--config", config_path, "--only", ",".join(group), *overrides],
+                [sys.executable, "-m", "ecgflowcmr.downstream", "--config", config_path, "--only", ",".join(group), *overrides],
                 stdout=fh, stderr=subprocess.STDOUT, env=env)))
     failed = [path for path, proc in workers if proc.wait() != 0]
     if failed:

@@ -40,7 +40,7 @@ class Pool:
 
 
 def default_pool_spec(cfg) -> Path:
-    from ..data.phantom import POOL_DIR
+    from ..phantom import POOL_DIR
 
     return cfg.phantom_path / POOL_DIR / "manifest.csv"
 
@@ -57,7 +57,7 @@ def ensure_pool_files(cfg, log=print) -> str:
     manifest = default_pool_spec(cfg)
     have = _rows(manifest)
     if ds.pool_n > 0 and have != ds.pool_n:
-        from ..data.phantom import generate_ecg_only
+        from ..phantom import generate_ecg_only
 
         log(f"downstream: writing {ds.pool_n} ECG-only phantom subjects under {manifest.parent}")
         generate_ecg_only(cfg.phantom_path, ds.pool_n, seed=cfg.data.phantom_seed, workers=cfg.data.workers,

@@ -1,7 +1,7 @@
 """One phantom subject in one picture: the 12-lead ECG with its R-peaks, the LV area curve from the
 masks, and a strip of cine frames, all on one time axis.
 
-``python -m ecgflowcmr.data.phantom_figure --subject DIR/cmr/PH00000.nii.gz --out docs/phantom_subject.png``
+``python -m ecgflowcmr.phantom.figure --subject DIR/cmr/PH00000.nii.gz --out docs/phantom_subject.png``
 
 ``--subject`` is any file of the subject (``ecg/<id>.xml``, ``cmr/<id>.nii.gz``, ``masks/<id>.nii.gz``,
 ``truth/<id>.json``), or ``DIR/<id>``, or the phantom folder ``DIR`` (then ``--id``, default the first
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ecgflowcmr.data.phantom import FS, LEADS, N_FRAMES
+from .v1 import FS, LEADS, N_FRAMES
 
 
 def resolve_subject(subject: str | Path, subject_id: str | None = None) -> tuple[Path, str]:
@@ -181,7 +181,7 @@ def make_figure(root: Path, sid: str, out: Path, n_strip: int = 8) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ecgflowcmr.data.phantom_figure", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ecgflowcmr.phantom.figure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subject", required=True, help="a file of the subject, DIR/<id>, or the phantom DIR")
     parser.add_argument("--id", default=None, help="subject id when --subject is the phantom folder")

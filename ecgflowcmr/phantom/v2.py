@@ -1,5 +1,5 @@
-"""Phantom version 2: the version-1 phantom (``phantom.py``) made to look and behave like a UK Biobank
-four-chamber cine. Selected by ``data.phantom_version: 2`` or ``python -m ecgflowcmr.data.phantom
+"""Phantom version 2: the version-1 phantom (``v1.py``) made to look and behave like a UK Biobank
+four-chamber cine. Selected by ``data.phantom_version: 2`` or ``python -m ecgflowcmr.phantom
 --version 2``; version 1 stays unchanged. ``docs/phantom_realism.md`` measures both against published
 ranges (``benchmarks/phantom_realism.py``).
 
@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from . import phantom as v1
+from . import v1
 
 GENERATOR_VERSION = 2
 DEFAULT_PREVALENCE = (0.8, 0.1, 0.1)        # normal, dilated, hypertrophic

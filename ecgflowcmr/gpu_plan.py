@@ -243,7 +243,7 @@ def _bf16(on_cuda: bool):
 
 
 def pamae_step(cfg, batch: int, on_cuda: bool):
-    from ..ecg.pamae import PAMAE, pamae_losses
+    from .ecg.pamae import PAMAE, pamae_losses
 
     model = PAMAE.from_config(cfg.ecg)
 
@@ -260,9 +260,9 @@ def vae_step(cfg, batch: int, on_cuda: bool):
     G and D updates: D sees the same videos without the VAE's graph) and LPIPS when on (random
     weights: its cost does not depend on them). The adaptive GAN weight is a fixed number here:
     its gradient probe needs backward."""
-    from ..vae.discriminator import PatchDiscriminator3D
-    from ..vae.losses import framewise_lpips, kl_per_pixel
-    from ..vae.model import VAE3D
+    from .vae.discriminator import PatchDiscriminator3D
+    from .vae.losses import framewise_lpips, kl_per_pixel
+    from .vae.model import VAE3D
 
     v = cfg.vae
     vae = VAE3D.from_config(v)
@@ -302,9 +302,9 @@ def vae_step(cfg, batch: int, on_cuda: bool):
 
 
 def _flow_parts(cfg):
-    from ..ecg.encoder import ECGEncoder
-    from ..flow.dit import build_dit
-    from ..vae.model import VAE3D
+    from .ecg.encoder import ECGEncoder
+    from .flow.dit import build_dit
+    from .vae.model import VAE3D
 
     latent = (cfg.vae.latent_channels, cfg.data.num_frames, cfg.data.image_size // 8, cfg.data.image_size // 8)
     dit = build_dit(cfg.flow, latent, ecg_dim=cfg.ecg.width, ecg_tokens=cfg.ecg.num_tokens)
@@ -314,7 +314,7 @@ def _flow_parts(cfg):
 def flow_step(cfg, batch: int, on_cuda: bool):
     """A flow-matching step on cached ECG tokens (the frozen encoder is not on the GPU then; the
     VAE is, for previews)."""
-    from ..flow.transport import TemplateAnchor, flow_matching_loss
+    from .flow.transport import TemplateAnchor, flow_matching_loss
 
     latent, dit, _, vae = _flow_parts(cfg)
     anchor = TemplateAnchor(torch.zeros(latent[0], 1, *latent[2:]), cfg.flow.alpha, cfg.flow.use_template)
