@@ -10,7 +10,7 @@ from ecgflowcmr.data.ecg_io import read_ecg
 from ecgflowcmr.ecg.augment import HR_RANGE_BPM, PROBABILITIES, augment_batch, augment_ecg, time_stretch
 from ecgflowcmr.ecg.dataset import phase_labels
 from ecgflowcmr.ecg.metrics import match_peaks
-from ecgflowcmr.ecg.phase import detect_rpeaks, heart_rate, phase_from_rpeaks
+from ecgflowcmr.data.phase import detect_rpeaks, heart_rate, phase_from_rpeaks
 
 ONLY = {name: 0.0 for name in PROBABILITIES}
 

@@ -78,3 +78,39 @@ def test_derived_paths():
     assert str(cfg.manifest_path) == "runs/x/phantom/manifest.csv"
     cfg = load_config(None, ["run_dir=/tmp/r", "data.root=/d"])
     assert str(cfg.stage_dir("flow")) == "/tmp/r/flow" and str(cfg.data_root) == "/d"
+
+
+def test_base_chains_and_merges_sections(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nflow:\n  hidden: 32\n  depth: 3\ninfer:\n  steps: 4\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\nflow:\n  depth: 5\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\ninfer:\n  steps: 1\n")
+    cfg = load_config(tmp_path / "c.yaml", ["flow.hidden=48"])
+    assert (cfg.name, cfg.flow.hidden, cfg.flow.depth, cfg.infer.steps) == ("b", 48, 5, 1)
+    assert "base" not in cfg.to_dict()                     # the resolved config is complete and flat
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "loop1.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop1.yaml\n")
+    with pytest.raises(ConfigError, match="base loop"):
+        load_config(tmp_path / "loop1.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml.*base of"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "bad.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match="'base'"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "typo.yaml").write_text("base: bad_base.yaml\n")
+    (tmp_path / "bad_base.yaml").write_text("flow:\n  hiden: 3\n")
+    with pytest.raises(ConfigError, match="flow.hiden"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_shipped_configs_state_differences_only():
+    """The bench builds on the demo and the version-2 bench on the bench: each sets what differs."""
+    demo, bench = load_config(ROOT / "configs/demo.yaml"), load_config(ROOT / "configs/phantom_bench.yaml")
+    v2 = load_config(ROOT / "configs/phantom_bench_v2.yaml")
+    assert bench.flow.hidden == demo.flow.hidden and bench.flow.epochs != demo.flow.epochs
+    assert v2.flow.epochs == bench.flow.epochs and v2.data.phantom_n == bench.data.phantom_n
+    assert (v2.data.phantom_version, v2.run_dir) == (2, "runs/phantom_bench_v2")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ecgflowcmr.ecg.cycles import find_wraps, roi_align, select_cycles
-from ecgflowcmr.ecg.phase import phase_from_rpeaks
+from ecgflowcmr.data.phase import phase_from_rpeaks
 
 L = 5000
 FS = 500

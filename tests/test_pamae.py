@@ -15,7 +15,7 @@ from ecgflowcmr.config import load_config
 from ecgflowcmr.ecg.dataset import ECGPhaseDataset, phase_labels
 from ecgflowcmr.ecg.encoder import CycleOutput, ECGEncoder, load_ecg_encoder
 from ecgflowcmr.ecg.pamae import PAMAE, pamae_losses, random_mask, sincos_to_phase
-from ecgflowcmr.ecg.phase import phase_from_rpeaks
+from ecgflowcmr.data.phase import phase_from_rpeaks
 
 from .conftest import write_prepared_tables
 

@@ -16,7 +16,7 @@ from ecgflowcmr.data import ecg_io
 from ecgflowcmr.phantom import build
 from ecgflowcmr.phantom import v1 as ph
 from ecgflowcmr.phantom import figure as phantom_figure
-from ecgflowcmr.ecg import phase
+from ecgflowcmr.data import phase
 
 SEED = 0
 N = 5            # indices 0-3 form one class block: 2 normal, 1 dilated, 1 hypertrophic

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 from ecgflowcmr.data.ecg_io import read_ecg
-from ecgflowcmr.ecg.phase import (TWO_PI, RPeakError, RPeakWarning, detect_rpeaks, heart_rate,
+from ecgflowcmr.data.phase import (TWO_PI, RPeakError, RPeakWarning, detect_rpeaks, heart_rate,
                                   phase_batch, phase_from_rpeaks, phase_from_targets, phase_targets)
 
 BRADYCARDIA, TACHYCARDIA = "426177001", "427084000"  # SNOMED-CT codes in the PTB-XL headers

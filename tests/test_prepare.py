@@ -96,7 +96,7 @@ def test_prepare_keeps_good_records_and_reports_bad(prepared, raw):
     # Each row is what the readers give for that record (manifest order kept).
     from ecgflowcmr.data.cmr_io import cine_to_uint8, read_cine, read_mask
     from ecgflowcmr.data.ecg_io import read_ecg
-    from ecgflowcmr.ecg.phase import detect_rpeaks
+    from ecgflowcmr.data.phase import detect_rpeaks
 
     manifest = pd.read_csv(raw)
     for row, k in enumerate(kept):

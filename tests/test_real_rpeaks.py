@@ -10,7 +10,7 @@ from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS, ROOT
 from ecgflowcmr.data.annotated import annotated_windows
 from ecgflowcmr.data.ecg_io import ECGReadError, read_ecg
 from ecgflowcmr.ecg.metrics import match_peaks
-from ecgflowcmr.ecg.phase import LEAD_INDEX, RPeakWarning, detect_rpeaks
+from ecgflowcmr.data.phase import LEAD_INDEX, RPeakWarning, detect_rpeaks
 
 MITDB = ROOT / "tests" / "data" / "mitdb-100" / "100"
 

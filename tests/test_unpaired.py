@@ -13,7 +13,7 @@ from ecgflowcmr.config import config_from_dict
 from ecgflowcmr.data.datasets import Prepared
 from ecgflowcmr.data.ecg_io import read_ecg
 from ecgflowcmr.data.prepare import PrepareError, prepare_ecg_only
-from ecgflowcmr.ecg.phase import detect_rpeaks
+from ecgflowcmr.data.phase import detect_rpeaks
 from ecgflowcmr.ecg.train import training_sets
 
 

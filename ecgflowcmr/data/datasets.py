@@ -13,7 +13,7 @@ Folder layout (the contract between preparation and stages 1-3)::
     <root>/qc_warnings.csv  subject_id, warning (kept records that needed a repair, e.g. derived leads)
     <root>/provenance.csv   index, subject_id, manifest_row, source files, crop box, R-peak count/HR,
                             how the R-peaks were found (rpeak_lead: the lead they sit on, rpeak_voters,
-                            rpeak_detectors, rpeak_runs, rpeak_min_votes; see ecg.phase.detect_rpeaks)
+                            rpeak_detectors, rpeak_runs, rpeak_min_votes; see data.phase.detect_rpeaks)
     <root>/config.yaml      the resolved config of the prepare_data.py run
 
 Arrays are opened with ``np.load(mmap_mode="r")``: nothing reads the whole dataset into RAM.

@@ -459,7 +459,7 @@ def _warm_imports() -> None:
     import importlib
 
     for module in ("neurokit2", "nibabel", "scipy.signal", "scipy.ndimage", "PIL.Image", "wfdb",
-                   "xml.etree.ElementTree", "ecgflowcmr.ecg.phase"):
+                   "xml.etree.ElementTree", "ecgflowcmr.data.phase"):
         try:
             importlib.import_module(module)
         except ImportError:
@@ -486,7 +486,7 @@ def _store(state: _State, fds: dict, result: dict) -> dict:
 def process_record(task) -> dict:
     """Read one manifest record (runs in a worker; ``cmr_path`` None: an ECG-only record). Never
     raises: failures come back as ``{"ok": False, "file": ..., "reason": ...}``."""
-    from ..ecg.phase import RPeakError, detect_rpeaks
+    from .phase import RPeakError, detect_rpeaks
 
     i, subject_id, ecg_path, cmr_path, mask_path, tolerance, crop_mm = task
     out = {"i": i, "subject_id": subject_id, "ok": False, "warnings": [], "ecg_file": ecg_path,
@@ -524,7 +524,7 @@ def process_record(task) -> dict:
 
 
 def _with_warnings(out: dict, caught: list, ecg_path: str) -> dict:
-    from ..ecg.phase import RPeakWarning
+    from .phase import RPeakWarning
 
     out["warnings"] = [_strip_path(str(w.message), ecg_path) for w in caught
                        if issubclass(w.category, (ECGReadWarning, RPeakWarning))][:5]

@@ -143,7 +143,7 @@ def augment_batch(ecg, rpeaks, rng: np.random.Generator, probabilities: dict | N
     import torch
 
     from .dataset import phase_labels
-    from .phase import phase_from_rpeaks
+    from ..data.phase import phase_from_rpeaks
 
     ecgs, cleans, labels = [], [], []
     length = ecg.shape[-1]

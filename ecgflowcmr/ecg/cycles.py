@@ -1,6 +1,6 @@
 """Complete R-to-R cycles from a predicted cardiac phase, and ROI-Align on the phase axis.
 
-The phase convention is the one of ``ecgflowcmr.ecg.phase``: 0 at each R-peak, rising linearly to
+The phase convention is the one of ``ecgflowcmr.data.phase``: 0 at each R-peak, rising linearly to
 2*pi at the next R-peak. An R-peak is therefore a *wrap* of the phase from about 2*pi back to 0, and
 one complete cycle is the stretch between two consecutive wraps. (The official PA-MAE code took
 ``atan2`` in (-pi, pi] and cut where that wrapped, i.e. mid-beat to mid-beat; here the cut is where

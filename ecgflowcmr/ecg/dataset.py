@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from ..data.datasets import Prepared
 from .pamae import STRIDE
-from .phase import phase_from_rpeaks, phase_targets
+from ..data.phase import phase_from_rpeaks, phase_targets
 
 
 def phase_labels(phase: np.ndarray, stride: int = STRIDE) -> np.ndarray:

@@ -47,7 +47,7 @@ def _figures(model: PAMAE, dataset: ECGPhaseDataset, out_dir, device, cycle_mode
     from .cycles import select_cycles
     from .figures import plot_phase, plot_reconstruction
     from .metrics import VAL_MASK_SEED
-    from .phase import phase_from_rpeaks
+    from ..data.phase import phase_from_rpeaks
 
     item = dataset[0]
     ecg = item["ecg"][None].to(device)

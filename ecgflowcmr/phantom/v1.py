@@ -34,7 +34,7 @@ on (seed, index) only, whatever the number of workers):
    rescales every lead to a fixed [-0.4, 1.2] mV range, which erases voltage phenotypes and breaks
    III = II - I, and it costs ~3.4 s per subject.)
 3. Delineation of the clean ECG (before noise), by rule: QRS found on the spatial velocity,
-   R-peak = top of the R wave in lead II (where ``ecg.phase.detect_rpeaks`` looks; the spatial-RMS
+   R-peak = top of the R wave in lead II (where ``data.phase.detect_rpeaks`` looks; the spatial-RMS
    peak if lead II has no R wave), QRS on/offset from the spatial velocity, T end and P onset by
    the tangent method on the spatial RMS. The cine uses those delineated times, not the
    simulator's parameters (the T end of the cine beat is the ES time; ``es_frame`` is the frame
@@ -379,7 +379,7 @@ def delineate(ecg: np.ndarray, fs: float = FS) -> dict:
         off.append(float(seg_lo + grp[-1]) if grp[-1] < len(seg) - 1 else np.nan)
     rpk = np.asarray(rpk)
     # The R-peak fiducial: top of the R wave in lead II (the rhythm lead, where an R-peak detector
-    # such as ecgflowcmr.ecg.phase.detect_rpeaks looks) within the QRS; the spatial-RMS maximum
+    # such as ecgflowcmr.data.phase.detect_rpeaks looks) within the QRS; the spatial-RMS maximum
     # where lead II has no R wave (< 0.15 mV).
     lead2 = ecg[1]
     fid = []
