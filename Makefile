@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo demo-ecg demo-vae test prepare clean-demo
+.PHONY: venv demo demo-ecg demo-vae test lint prepare clean-demo
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 
 test: venv
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 # The whole pipeline on CPU with the phantom; re-running resumes / skips finished work.
 # Stages 1 and 2 are independent: they train side by side, one thread each.

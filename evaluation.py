@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate generated cines against real ones. Same as ``python -m ecgflowcmr.evaluation``; see ``ecgflowcmr/evaluation.py``."""
+"""Evaluate generated cines against real ones.
+Same as ``python -m ecgflowcmr.evaluation``; see ``ecgflowcmr/evaluation.py``."""
 import sys
 
 from ecgflowcmr.evaluation import main

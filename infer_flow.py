@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Stage 4: generate cines from ECGs alone. Same as ``python -m ecgflowcmr.infer_flow``; see ``ecgflowcmr/infer_flow.py``."""
+"""Stage 4: generate cines from ECGs alone.
+Same as ``python -m ecgflowcmr.infer_flow``; see ``ecgflowcmr/infer_flow.py``."""
 import sys
 
 from ecgflowcmr.infer_flow import main

@@ -1,4 +1,4 @@
-"""The data contract every stage shares (DESIGN.md section 3): what an ECG and a cine are.
+"""The data contract every stage shares (docs/architecture.md; the shapes below): what an ECG and a cine are.
 
 ECG: float32 ``(NUM_LEADS, ECG_SAMPLES)`` = 10 s at 500 Hz in mV, leads in ``LEADS`` order.
 Cine: float32 ``(1, NUM_FRAMES, IMAGE_SIZE, IMAGE_SIZE)`` in [-1, 1], one R-R cycle from the R-peak.

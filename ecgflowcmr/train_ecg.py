@@ -25,5 +25,10 @@ def main(argv=None) -> None:
         parser.exit(1, f"train_ecg.py: error: {err}\n")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Console-script entry: ends a torchrun worker safely."""
     exit_process(main() or 0)
+
+
+if __name__ == "__main__":
+    entry()

@@ -37,5 +37,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """Console-script entry: ends a torchrun worker safely."""
     exit_process(main())
+
+
+if __name__ == "__main__":
+    entry()

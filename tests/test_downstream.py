@@ -250,6 +250,31 @@ def test_resized_cines_are_kept_with_the_values_of_a_fresh_batch():
     assert not ResizedCines(data, ds, limit_bytes=1e3).keep                 # too large: resized per batch
 
 
+def test_pretraining_resumes_exactly_and_follows_the_shared_schedule(tmp_path):
+    """Killed after its first checkpoint and run again, a row ends with the encoder of an
+    uninterrupted run; the learning rate is warm-up then cosine to 0 (utils.train.cosine_schedule)."""
+    from types import SimpleNamespace
+
+    from ecgflowcmr.downstream.pretrain import PretrainSet, PretrainStage, pretrain
+
+    prepared = SimpleNamespace(cine=np.random.default_rng(1).integers(0, 256, (6, 50, 96, 96), dtype=np.uint8))
+    data = PretrainSet(prepared, np.arange(6))
+    ds = tiny("downstream.pretrain_steps=5", "downstream.ckpt_every=2", "downstream.pretrain_warmup=2").downstream
+    whole = torch.load(pretrain(data, ds, tmp_path / "whole", torch.device("cpu")), weights_only=True)
+    cut = pretrain(data, ds, tmp_path / "cut", torch.device("cpu"), stop_after_chunks=1)
+    assert cut == tmp_path / "cut" / "encoder.pt"
+    assert not (tmp_path / "cut" / "encoder.pt").exists() and (tmp_path / "cut" / "last.pt").is_file()
+    again = torch.load(pretrain(data, ds, tmp_path / "cut", torch.device("cpu")), weights_only=True)
+    assert whole["steps"] == again["steps"] == 5 and not (tmp_path / "cut" / "last.pt").exists()
+    for key, value in whole["encoder"].items():
+        assert torch.equal(value, again["encoder"][key]), key
+    stage, lr = PretrainStage(data, ds, torch.device("cpu"), "x"), ds.pretrain_lr
+    lrs = [lr * stage.scheduler.lr_lambdas[0](step) for step in range(5)]
+    assert stage.optimizer.param_groups[0]["lr"] == lrs[0]
+    np.testing.assert_allclose(lrs, [lr / 2, lr, lr, lr * 0.5 * (1 + math.cos(math.pi / 3)),
+                                     lr * 0.5 * (1 + math.cos(2 * math.pi / 3))], rtol=1e-12)
+
+
 def test_mae_learns_to_fill_masked_tubes():
     cfg = tiny()
     torch.manual_seed(0)

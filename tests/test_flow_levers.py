@@ -185,7 +185,8 @@ def test_residual_input_moves_the_network_into_the_anchors_frame():
 
 def test_a_checkpoint_that_predates_a_lever_key_resumes_as_its_default():
     from ecgflowcmr.config import config_diffs
-    from ecgflowcmr.flow.trainer import RESUMABLE_KEYS, RESUME_ALSO
+    from ecgflowcmr.flow.trainer import RESUME_ALSO
+    from ecgflowcmr.utils.stage import RESUMABLE_KEYS
 
     def _config_diffs(old, new):
         return config_diffs(old, new, "flow", RESUMABLE_KEYS, RESUME_ALSO)

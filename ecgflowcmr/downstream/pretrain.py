@@ -6,8 +6,10 @@ exactly what an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 from ..contract import IMAGE_SIZE, NUM_FRAMES
 from ..data.datasets import cine_from_uint8
 from ..utils.checkpoint import atomic_save, load_checkpoint
+from ..utils.train import cosine_schedule, optimizer_step
+from ..utils.trainer import LoopSettings, Stage, Trainer
 from .vit import VideoMAE, resize_cine
 
 ARCH_KEYS = ("frames", "image_size", "tubelet", "patch", "width", "depth", "heads", "mlp_ratio")
@@ -90,70 +94,103 @@ class ResizedCines:
         return torch.stack([self.memo[int(i)] for i in items])
 
 
-def lr_at(step: int, ds) -> float:
-    """Linear warmup, then cosine to 0 at ``pretrain_steps``."""
-    if step < ds.pretrain_warmup:
-        return ds.pretrain_lr * (step + 1) / ds.pretrain_warmup
-    progress = (step - ds.pretrain_warmup) / max(1, ds.pretrain_steps - ds.pretrain_warmup)
-    return ds.pretrain_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+class StepIndex:
+    """The Trainer's "loader" for step-indexed pretraining: ``length`` placeholders per epoch. Each
+    step draws its own batch from ``(downstream.seed, step)`` in ``PretrainStage.train_step``, so
+    skipping the done steps of an epoch on resume costs nothing and draws exactly the same batches."""
+
+    sampler = None
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter(range(self.length))
 
 
-def pretrain(data: PretrainSet, ds, run_dir: Path, device: torch.device, log=print) -> Path:
-    """Train (or resume, or skip when done) one row; returns ``<run_dir>/encoder.pt``."""
-    from tqdm import tqdm
+class PretrainStage(Stage):
+    """VideoMAE pretraining on ``data``: AdamW (betas 0.9, 0.95; decay on every weight) with the
+    shared warm-up + cosine schedule over ``pretrain_steps``, gradient norm clipped at 1."""
 
+    name, best_key, epoch_means = "pretrain", "best_train_loss", ("loss",)
+
+    def __init__(self, data: PretrainSet, ds, device: torch.device, fingerprint: str):
+        self.ds, self.device, self.fingerprint = ds, device, fingerprint
+        torch.manual_seed(int(ds.seed))
+        self.model = VideoMAE.from_config(ds).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=ds.pretrain_lr, weight_decay=ds.weight_decay,
+                                           betas=(0.9, 0.95))
+        self.scheduler = cosine_schedule(self.optimizer, ds.pretrain_warmup, ds.pretrain_steps)
+        self.resized, self.n = ResizedCines(data, ds), len(data)
+        self.batch = min(ds.pretrain_batch, self.n)
+        self.recent: collections.deque = collections.deque(maxlen=20)
+
+    def train_step(self, _, step: int) -> dict:
+        ds = self.ds
+        rng = np.random.default_rng([int(ds.seed), 21, step])
+        cines = self.resized.batch(rng.choice(self.n, size=self.batch, replace=False))
+        loss = self.model(cines.to(self.device),
+                          generator=torch.Generator().manual_seed(int(ds.seed) * 1_000_003 + step))
+        optimizer_step(loss, self.optimizer, self.scheduler, self.model.parameters(), 1.0)
+        self.recent.append(float(loss.detach()))
+        return {"loss": self.recent[-1]}
+
+    def score(self, record: dict) -> float:
+        return record["train_loss"]
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def extra(self) -> dict:
+        return {"fingerprint": self.fingerprint}
+
+
+def _fingerprint_of(path: Path) -> str | None:
+    ckpt = load_checkpoint(path)
+    return ckpt.get("fingerprint", ckpt.get("extra", {}).get("fingerprint"))
+
+
+def pretrain(data: PretrainSet, ds, run_dir: Path, device: torch.device, log=print,
+             stop_after_chunks: int | None = None) -> Path:
+    """Train (or resume, or skip when done) one row; returns ``<run_dir>/encoder.pt``.
+
+    Runs on the shared ``Trainer``: an "epoch" is a chunk of ``ckpt_every`` steps, after which
+    ``last.pt`` is written. ``stop_after_chunks``: return after that many chunks of this call, as if
+    the process had been killed there (tests of exact resume)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final, last = run_dir / "encoder.pt", run_dir / "last.pt"
     fingerprint = data.fingerprint(ds)
     for path in (final, last):
-        if path.is_file():
-            saved = load_checkpoint(path).get("fingerprint")
-            if saved != fingerprint:
-                raise RuntimeError(f"'{path}' was pretrained with other settings or data (fingerprint {saved}, "
-                                   f"now {fingerprint}). Delete '{run_dir}' to retrain it, or set "
-                                   "downstream.out_dir to another folder.")
+        if path.is_file() and (saved := _fingerprint_of(path)) != fingerprint:
+            raise RuntimeError(f"'{path}' was pretrained with other settings or data (fingerprint {saved}, "
+                               f"now {fingerprint}). Delete '{run_dir}' to retrain it, or set "
+                               "downstream.out_dir to another folder.")
     if final.is_file():
         log(f"downstream: {run_dir.name}: pretraining done, skipped")
         return final
-    torch.manual_seed(int(ds.seed))
-    model = VideoMAE.from_config(ds).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=ds.pretrain_lr, weight_decay=ds.weight_decay, betas=(0.9, 0.95))
-    step = 0
-    if last.is_file():
-        ckpt = load_checkpoint(last)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = int(ckpt["step"])
-        log(f"downstream: {run_dir.name}: resuming pretraining at step {step}")
-    n = len(data)
-    batch = min(ds.pretrain_batch, n)
+    stage = PretrainStage(data, ds, device, fingerprint)
+    chunk = max(1, min(ds.ckpt_every, ds.pretrain_steps))
+    settings = LoopSettings(epochs=math.ceil(ds.pretrain_steps / chunk), max_steps=ds.pretrain_steps,
+                            log_every=max(chunk, 50), val_every=1)
+    config = {"downstream": {k: getattr(ds, k) for k in PRETRAIN_KEYS}}
+    trainer = Trainer(stage, StepIndex(chunk), settings, run_dir, config, int(ds.seed), device,
+                      logging.getLogger("ecgflowcmr.downstream"))
+    ckpt = load_checkpoint(last) if last.is_file() else None
+    trainer.restore(ckpt)
+    if ckpt is not None:
+        log(f"downstream: {run_dir.name}: resuming pretraining at step {trainer.state.step}")
+    del ckpt
     counts = data.counts()
-    log(f"downstream: {run_dir.name}: pretraining {ds.pretrain_steps} steps on {n} cines {counts}")
-    model.train()
-    resized = ResizedCines(data, ds)
-    losses = []
-    bar = tqdm(total=ds.pretrain_steps, initial=step, desc=f"pretrain {run_dir.name}", unit="step")
-    while step < ds.pretrain_steps:
-        rng = np.random.default_rng([int(ds.seed), 21, step])
-        cines = resized.batch(rng.choice(n, size=batch, replace=False))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, ds)
-        loss = model(cines.to(device), generator=torch.Generator().manual_seed(int(ds.seed) * 1_000_003 + step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        if step % ds.ckpt_every == 0 and step < ds.pretrain_steps:
-            atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "fingerprint": fingerprint}, last)
-    bar.close()
-    atomic_save({"encoder": model.encoder.state_dict(), "arch": {k: getattr(ds, k) for k in ARCH_KEYS},
-                 "fingerprint": fingerprint, "steps": step, "counts": counts,
-                 "final_loss": float(np.mean(losses[-20:])) if losses else None}, final)
-    if last.is_file():
-        last.unlink()
+    log(f"downstream: {run_dir.name}: pretraining {ds.pretrain_steps} steps on {stage.n} cines {counts}")
+    state = trainer.fit(stop_after_chunks)
+    if not trainer.done():
+        return final
+    atomic_save({"encoder": stage.model.encoder.state_dict(), "arch": {k: getattr(ds, k) for k in ARCH_KEYS},
+                 "fingerprint": fingerprint, "steps": state.step, "counts": counts,
+                 "final_loss": float(np.mean(stage.recent)) if stage.recent else None}, final)
+    for path in (last, trainer.best_path):
+        path.unlink(missing_ok=True)
     return final

@@ -67,7 +67,7 @@ def run(cfg: Config, only: list[str] | None = None, log=print, prepare_only: boo
         rows = [r for r in rows if r[0] in only]
     n_real = len(subjects.pretrain)
     synthetic_rows = [r for r in rows if r[2]]
-    pool = flow = None
+    pool = None
     if synthetic_rows or ds.label_pool:
         pool = load_pool(cfg, out, set(subjects.labelled_ids), log)
     extra = _pool_labelled(cfg, pool, n_real, out) if ds.label_pool else None
@@ -78,53 +78,10 @@ def run(cfg: Config, only: list[str] | None = None, log=print, prepare_only: boo
     log(f"downstream: {len(labelled_ids)} labelled subjects"
         + (f" ({len(extra[0])} of them from the pool)" if extra else "")
         + f" ({ds.folds} folds), {n_real} real pretraining cines, {ds.probe} evaluation, rows {[r for r, _, _ in rows]}")
-
-    draws: dict[str, np.ndarray] = {}
-    sources: dict = {}
-    if synthetic_rows:
-        needed = {s for _, s, _ in synthetic_rows}
-        if needed & set(FLOW_SOURCES):
-            from ..flow.generator import ECGToCine
-
-            ckpt = Path(ds.flow_checkpoint or cfg.stage_dir("flow") / "best.pt")
-            require_file(ckpt, "train_flow.py (stage 3)")
-            flow = ECGToCine.from_checkpoint(ckpt, device, amp=cfg.flow.amp)
-        most = D.synthetic_count(n_real, max(r for _, _, r in synthetic_rows))
-        for name in sorted(needed):
-            source = (extra[2] if extra and name == "oracle"
-                      else build_source(name, cfg, pool, prepared, subjects.pretrain, out, flow))
-            draws[name] = D.draw_pool(most, len(pool.subject_ids), source.per_ecg, ds.seed)
-            assert extra is None or not set(draws[name][:, 0]) & set(extra[0]), "a labelled pool ECG was drawn"
-            source.fill(draws[name])
-            sources[name] = source
-        log(f"downstream: pool of {len(pool.subject_ids)} ECGs ({pool.spec}); up to {most} synthetic cines per row")
+    sources, draws = _synthetic_sources(cfg, synthetic_rows, pool, prepared, subjects, extra, out, device, log)
     if prepare_only:
         return {}
-
-    key_common = {"arch": {k: getattr(ds, k) for k in ARCH_KEYS}, "labelled": labelled_ids,
-                  "folds": ds.folds, "epochs": ds.finetune_epochs, "batch": ds.finetune_batch,
-                  "lr": ds.finetune_lr, "wd": ds.weight_decay, "rw": ds.regression_weight, "seed": ds.seed,
-                  "class": ds.class_column, "regression": list(ds.regression_columns)}
-    if ds.probe == "linear":
-        key_common.update(probe="linear", probe_l2=ds.probe_l2)
-    table_rows: dict = {}
-    for row, source, ratio in rows:
-        counts = {"real": 0, "synthetic": 0}
-        encoder = None
-        if source is not None:
-            mix = []
-            if ratio:
-                count = D.synthetic_count(n_real, ratio)
-                mix = [(sources[source], draws[source][:count])]
-            data = PretrainSet(prepared, subjects.pretrain, mix)
-            counts = data.counts()
-            counts["synthetic"] = len(data) - len(subjects.pretrain)
-            encoder = pretrain(data, ds, out / "pretrain" / row, device, log)
-        key = dict(key_common, encoder=_encoder_id(encoder))
-        scores = _finetune_path(out, row, ds.probe)
-        scores.parent.mkdir(parents=True, exist_ok=True)
-        record = finetune_row(row, encoder, lab, ds, scores, device, key, log)
-        table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
+    table_rows = _score_rows(ds, rows, prepared, subjects, sources, draws, lab, labelled_ids, out, device, log)
     merged = _merge_existing(out, table_rows, only)
     order = [r for r, _, _ in plan_rows(ds)]                  # the table's order, whatever ran first
     merged = {**{r: merged[r] for r in order if r in merged}, **{r: v for r, v in merged.items() if r not in order}}
@@ -143,6 +100,61 @@ def run(cfg: Config, only: list[str] | None = None, log=print, prepare_only: boo
     figure = plot(result, out)
     log(f"downstream: wrote {md}, {js}" + (f", {figure}" if figure else " (matplotlib missing: no plot)"))
     return result
+
+
+def _synthetic_sources(cfg: Config, synthetic_rows, pool, prepared, subjects, extra, out: Path, device,
+                       log) -> tuple[dict, dict[str, np.ndarray]]:
+    """Every source the synthetic rows use, filled with the draws of the largest ratio:
+    ``({name: source}, {name: (n, 2) draws of (pool ECG, sample k)})``."""
+    ds, sources, draws = cfg.downstream, {}, {}
+    if not synthetic_rows:
+        return sources, draws
+    n_real, flow = len(subjects.pretrain), None
+    needed = {s for _, s, _ in synthetic_rows}
+    if needed & set(FLOW_SOURCES):
+        from ..flow.generator import ECGToCine
+
+        ckpt = Path(ds.flow_checkpoint or cfg.stage_dir("flow") / "best.pt")
+        require_file(ckpt, "train_flow.py (stage 3)")
+        flow = ECGToCine.from_checkpoint(ckpt, device, amp=cfg.flow.amp)
+    most = D.synthetic_count(n_real, max(r for _, _, r in synthetic_rows))
+    for name in sorted(needed):
+        source = (extra[2] if extra and name == "oracle"
+                  else build_source(name, cfg, pool, prepared, subjects.pretrain, out, flow))
+        draws[name] = D.draw_pool(most, len(pool.subject_ids), source.per_ecg, ds.seed)
+        assert extra is None or not set(draws[name][:, 0]) & set(extra[0]), "a labelled pool ECG was drawn"
+        source.fill(draws[name])
+        sources[name] = source
+    log(f"downstream: pool of {len(pool.subject_ids)} ECGs ({pool.spec}); up to {most} synthetic cines per row")
+    return sources, draws
+
+
+def _score_rows(ds, rows, prepared, subjects, sources, draws, lab, labelled_ids, out: Path, device, log) -> dict:
+    """Pretrain (or reuse) each row's encoder and score it on the labelled set: ``{row: entry}``."""
+    key_common = {"arch": {k: getattr(ds, k) for k in ARCH_KEYS}, "labelled": labelled_ids,
+                  "folds": ds.folds, "epochs": ds.finetune_epochs, "batch": ds.finetune_batch,
+                  "lr": ds.finetune_lr, "wd": ds.weight_decay, "rw": ds.regression_weight, "seed": ds.seed,
+                  "class": ds.class_column, "regression": list(ds.regression_columns)}
+    if ds.probe == "linear":
+        key_common.update(probe="linear", probe_l2=ds.probe_l2)
+    n_real, table_rows = len(subjects.pretrain), {}
+    for row, source, ratio in rows:
+        counts = {"real": 0, "synthetic": 0}
+        encoder = None
+        if source is not None:
+            mix = []
+            if ratio:
+                mix = [(sources[source], draws[source][:D.synthetic_count(n_real, ratio)])]
+            data = PretrainSet(prepared, subjects.pretrain, mix)
+            counts = data.counts()
+            counts["synthetic"] = len(data) - n_real
+            encoder = pretrain(data, ds, out / "pretrain" / row, device, log)
+        key = dict(key_common, encoder=_encoder_id(encoder))
+        scores = _finetune_path(out, row, ds.probe)
+        scores.parent.mkdir(parents=True, exist_ok=True)
+        record = finetune_row(row, encoder, lab, ds, scores, device, key, log)
+        table_rows[row] = {"source": source, "ratio": ratio, "counts": counts, "scores": summarise(record)}
+    return table_rows
 
 
 def run_parallel(cfg: Config, config_path: str, overrides: list[str], jobs: int, only: list[str] | None = None,

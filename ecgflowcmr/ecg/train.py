@@ -17,12 +17,13 @@ import time
 import numpy as np
 import torch
 
-from ..config import Config, refuse_other_config
-from ..utils.checkpoint import checkpoint_to_resume, state_hash
-from ..utils.device import autocast, select_device
-from ..utils.dist import cleanup, init_distributed, make_loader, rank, wrap_ddp
-from ..utils.run import require_file, setup_logging, stage_dir
+from ..config import Config
+from ..utils.checkpoint import state_hash
+from ..utils.device import autocast
+from ..utils.dist import make_loader, rank, wrap_ddp
+from ..utils.run import require_file
 from ..utils.seed import seed_everything
+from ..utils.stage import StageRun, run_stage
 from ..utils.train import build_optimizer, cosine_schedule, optimizer_step
 from ..utils.trainer import LoopSettings, Stage, Trainer
 from .augment import augment_batch
@@ -30,8 +31,6 @@ from .dataset import ECGPhaseDataset
 from .metrics import evaluate
 from .pamae import PAMAE, pamae_losses, sincos_to_phase
 
-# ecg keys that may change between a run and its resumption (they do not change the model or data)
-RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "cycle_mode"}
 FIGURE_INTERVAL_S = 300     # figures at the end of the run and at most every 5 minutes before
 
 
@@ -44,10 +43,10 @@ def _val_batches(dataset: ECGPhaseDataset, batch_size: int):
 
 
 def _figures(model: PAMAE, dataset: ECGPhaseDataset, out_dir, device, cycle_mode: str, epoch: int) -> None:
+    from ..data.phase import phase_from_rpeaks
     from .cycles import select_cycles
     from .figures import plot_phase, plot_reconstruction
     from .metrics import VAL_MASK_SEED
-    from ..data.phase import phase_from_rpeaks
 
     item = dataset[0]
     ecg = item["ecg"][None].to(device)
@@ -152,33 +151,14 @@ class ECGStage(Stage):
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False) -> dict:
     """Train the PA-MAE; returns the last validation metrics."""
-    device = select_device(cfg.device)
-    init_distributed(device)
-    try:
-        return _train(cfg, device, resume, fresh)
-    finally:
-        cleanup()
+    return run_stage(cfg, "ecg", "train_ecg.py", resume, fresh, _train,
+                     done=lambda run: run.ckpt["extra"].get("val", {}),
+                     requires=((cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)"),),
+                     also=("seed", "data.unpaired_ecg"))
 
 
-def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict:
-    e = cfg.ecg
-    require_file(cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)")
-    last_path = cfg.stage_dir("ecg") / "last.pt"
-    ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_ecg.py")
-    if ckpt is not None:                 # before anything is written over the run's config
-        refuse_other_config(ckpt, cfg, last_path, "ecg", RESUMABLE_KEYS, ("seed", "data.unpaired_ecg"),
-                            f"Start over with train_ecg.py --fresh (or delete '{last_path.parent}')")
-    out_dir = stage_dir(cfg, "ecg")
-    log = setup_logging(out_dir / "train.log")
-    if ckpt is not None:
-        done_epochs = int(ckpt["epoch"])
-        if done_epochs >= e.epochs or (e.max_steps and int(ckpt["step"]) >= e.max_steps):
-            log.info("stage 1 already complete (%d epochs, %d steps in %s); nothing to do "
-                     "(train_ecg.py --fresh starts over)", done_epochs, int(ckpt["step"]), last_path)
-            return ckpt["extra"].get("val", {})
-        log.info("resuming %s at epoch %d, step %d (train_ecg.py --fresh starts over)",
-                 last_path, done_epochs, int(ckpt["step"]))
-
+def _train(run: StageRun) -> dict:
+    cfg, device, out_dir, log, ckpt, e = run.cfg, run.device, run.out, run.log, run.ckpt, run.cfg.ecg
     seed_everything(cfg.seed)
     train_set, paired_train, val_set = training_sets(cfg)
     if len(train_set) > len(paired_train):

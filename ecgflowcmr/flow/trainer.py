@@ -34,26 +34,32 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import Config, ConfigError, FlowConfig, refuse_other_config
+from ..config import Config, ConfigError
 from ..data.datasets import MemmapPickling
 from ..utils import dist as udist
-from ..utils.checkpoint import checkpoint_to_resume, load_checkpoint
-from ..utils.device import autocast, select_device
-from ..utils.run import require_file, setup_logging, stage_dir
+from ..utils.checkpoint import load_checkpoint
+from ..utils.device import autocast
 from ..utils.seed import seed_everything
+from ..utils.stage import StageRun, run_stage
 from ..utils.train import EMA, cosine_schedule, optimizer_step
 from ..utils.trainer import LoopSettings, Stage, Trainer
 from . import generator as gen
 from .anchor import AnchorHead
 from .dit import build_dit
 from .generator import ECGToCine, FlowModel, encoder_state_from, module_hash, sample_seed
-from .transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching_loss, motion_weighted_mse,
-                        sample_t, seeded_noise, template_hash, validation_t_grid)
+from .transport import (
+    LatentNorm,
+    TemplateAnchor,
+    cfg_drop_mask,
+    flow_matching_loss,
+    motion_weighted_mse,
+    sample_t,
+    seeded_noise,
+    template_hash,
+    validation_t_grid,
+)
 
 VAL_T_POINTS = 8
-# flow keys that may change between a run and its resumption
-RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "sample_every", "amp",
-                  "snapshot_steps", "grad_checkpoint"}
 RESUME_ALSO = ("ecg.cycle_mode", "seed")      # other keys that make last.pt another run (the ECG tokens)
 PREVIEW_SUBJECTS = 2
 LATENT_SPLITS = ("train", "val")
@@ -75,15 +81,14 @@ class StagePaths:
         self.template = self.latents / "template.pt"
         self.data_root = cfg.data_root
 
-    def check(self) -> None:
-        require_file(self.ecg_ckpt, "train_ecg.py (stage 1)")
-        require_file(self.vae_ckpt, "train_disentangle_vae3d.py (stage 2)")
-        require_file(self.template, "train_disentangle_vae3d.py (stage 2, latent extraction)")
-        for split in LATENT_SPLITS:
-            require_file(self.latents / f"{split}.npy", "train_disentangle_vae3d.py (stage 2, latent extraction)")
-            require_file(self.latents / f"{split}_index.csv",
-                         "train_disentangle_vae3d.py (stage 2, latent extraction)")
-        require_file(self.data_root / "meta.json", "prepare_data.py")
+    def requirements(self) -> tuple[tuple[Path, str], ...]:
+        """(file, what writes it) for every input of stage 3."""
+        extraction = "train_disentangle_vae3d.py (stage 2, latent extraction)"
+        return ((self.ecg_ckpt, "train_ecg.py (stage 1)"), (self.vae_ckpt, "train_disentangle_vae3d.py (stage 2)"),
+                (self.template, extraction),
+                *((self.latents / f"{split}{suffix}", extraction) for split in LATENT_SPLITS
+                  for suffix in (".npy", "_index.csv")),
+                (self.data_root / "meta.json", "prepare_data.py"))
 
 
 class LatentSplit(MemmapPickling):
@@ -223,7 +228,7 @@ def _anchor_mean(head: AnchorHead | None, cond: dict) -> torch.Tensor | None:
     return None if head is None else head(cond["ecg_tokens"], cond["ecg_pooled"])
 
 
-def fit_anchor_head(head: AnchorHead, train: "FlowDataset", val: "FlowDataset", steps: int, lr: float,
+def fit_anchor_head(head: AnchorHead, train: FlowDataset, val: FlowDataset, steps: int, lr: float,
                     batch_size: int, motion_weight: float, seed: int, device: torch.device, log=None) -> dict:
     """Fit the ECG anchor head by (motion-weighted) MSE to the data latents, then freeze it.
 
@@ -586,12 +591,9 @@ class FlowStage(Stage):
         logging.getLogger("ecgflowcmr").info("previews: %s", ", ".join(written))
 
 
-def _finished_run(ckpt: dict, fl: FlowConfig, out: Path, log) -> dict | None:
-    """The summary of a run ``ckpt`` already completed (None: there is training left)."""
-    if int(ckpt["epoch"]) < fl.epochs and not (fl.max_steps and int(ckpt["step"]) >= fl.max_steps):
-        return None
-    log.info("stage 3 already complete (%d epochs, %d steps in %s); nothing to do",
-             int(ckpt["epoch"]), int(ckpt["step"]), out / "last.pt")
+def _finished_run(run: StageRun) -> dict:
+    """The summary of a run ``run.ckpt`` already completed."""
+    ckpt, out = run.ckpt, run.out
     extra = ckpt.get("extra", {})
     return {"epochs": int(ckpt["epoch"]), "steps": int(ckpt["step"]), "best_val_loss": extra.get("best_val"),
             "history": extra.get("history", []), "seconds": 0.0, "best": str(out / "best.pt"),
@@ -609,22 +611,15 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
     that changed since (other template, VAE or encoder hash) are always an error.
     ``stop_after_epochs``: return after that many epochs of this call, as if the process had been
     killed there (tests of exact resume)."""
-    fl = cfg.flow
     if resume and fresh:  # checked again by checkpoint_to_resume; here before DDP starts
         raise ConfigError("--resume and --fresh contradict each other")
-    device = select_device(cfg.device)
-    udist.init_distributed(device)
-    paths = StagePaths(cfg)
-    paths.check()
-    out = stage_dir(cfg, "flow")
-    log = setup_logging(out / "train.log")
-    last_path = out / "last.pt"
-    ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_flow.py", log)
-    if ckpt is not None:
-        refuse_other_config(ckpt, cfg, last_path, "flow", RESUMABLE_KEYS, RESUME_ALSO)
-        if (done := _finished_run(ckpt, fl, out, log)) is not None:
-            udist.cleanup()
-            return done
+    return run_stage(cfg, "flow", "train_flow.py", resume, fresh, lambda run: _train(run, stop_after_epochs),
+                     done=_finished_run, requires=StagePaths(cfg).requirements(), also=RESUME_ALSO)
+
+
+def _train(run: StageRun, stop_after_epochs: int | None) -> dict:
+    cfg, device, out, log, ckpt, fl = run.cfg, run.device, run.out, run.log, run.ckpt, run.cfg.flow
+    last_path, paths = run.last_path, StagePaths(cfg)
     seed_everything(cfg.seed + udist.rank())
     inputs = load_inputs(cfg, paths, device, out, log)
     anchor_head, anchor_fit, fitted = anchor_head_for(cfg, inputs, ckpt, device, log)
@@ -644,7 +639,7 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
              n_params / 1e6, inputs.latent_shape, len(inputs.datasets["train"]), len(inputs.datasets["val"]),
              trainer.steps_per_epoch, "fine-tuned" if fl.ecg_finetune else "frozen (cached tokens)",
              "" if ckpt is None else f"; resumed from {last_path} at step {trainer.state.step}")
-    del ckpt
+    del ckpt, run.ckpt                  # the optimizer state it holds is in the trainer now
     started = time.time()
     state = trainer.fit(stop_after_epochs)
     summary = {"epochs": state.epoch, "steps": state.step, "best_val_loss": state.best if state.best < math.inf else None,
@@ -653,5 +648,4 @@ def train(cfg: Config, resume: bool = False, fresh: bool = False,
                "best": str(trainer.best_path), "last": str(last_path)}
     if udist.is_main():
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    udist.cleanup()
     return summary

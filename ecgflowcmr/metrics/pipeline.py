@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -86,179 +87,224 @@ class _FeatureCache:
         tmp.replace(self.folder / f"{key}.npy")
 
 
-def evaluate(real, fake, *, cfg=None, paired: bool = True, samples: str = "first",
-             fid_variant: str | None = None, fvd_variant: str | None = None, weights: str | None = None,
-             bootstrap: int | None = None, batch_size: int | None = None, device: str | torch.device | None = None,
-             out_dir: str | Path | None = None, metrics: tuple[str, ...] | list[str] | None = None,
-             segmenter_steps: int = 400, fid_frames: int | None = None, seed: int = 0,
-             networks: dict | None = None, data_root: str | Path | None = None,
-             log: Callable[[str], None] | None = None) -> dict:
-    """Evaluate generated cines against real ones.
+@dataclass
+class EvalOptions:
+    """Every setting of ``evaluate``; ``resolve`` fills what is not given from ``cfg.eval`` / ``cfg.device``.
+
+    paired: pair by subject id (False: distribution metrics only). samples: ``first`` (sample 0 per
+    subject) or ``all`` (every sample, each paired with its real cine). fid_frames: frames per video
+    entering FID (evenly spaced; None = all, the standard). weights: the weights folder. out_dir: the
+    folder for caches. networks: {"fid" | "fvd" | "lpips": module} replaces pretrained networks
+    (plumbing tests only). data_root: the prepared dataset of ``split:NAME`` (default ``cfg.data_root``)."""
+    paired: bool = True
+    samples: str = "first"
+    metrics: tuple[str, ...] = ALL_METRICS
+    fid_variant: str = "standard"
+    fvd_variant: str = "standard"
+    weights: str = ""
+    bootstrap: int = 0
+    batch_size: int = 16
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    out_dir: Path | None = None
+    segmenter_steps: int = 400
+    fid_frames: int | None = None
+    seed: int = 0
+    networks: dict = field(default_factory=dict)
+    data_root: str | Path | None = None
+
+    @classmethod
+    def resolve(cls, cfg=None, **given) -> EvalOptions:
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"evaluate() got unknown options {unknown}")
+        given = {k: v for k, v in given.items() if v is not None}
+        for key in ("batch_size", "fid_variant", "fvd_variant"):      # 0 / "": the config's
+            if key in given and not given[key]:
+                del given[key]
+        ev = cfg.eval if cfg is not None else None
+        if ev is not None:
+            for key, value in (("fid_variant", ev.fid_variant), ("fvd_variant", ev.fvd_variant),
+                               ("weights", ev.weights_dir), ("bootstrap", ev.bootstrap), ("batch_size", ev.batch_size)):
+                given.setdefault(key, value)
+        if given.get("data_root") is None and cfg is not None:
+            given["data_root"] = cfg.data_root
+        if given.get("device") is None:
+            from ..utils.device import select_device
+
+            given["device"] = select_device(cfg.device if cfg is not None else "auto")
+        opts = cls(**given)
+        opts.device, opts.bootstrap, opts.batch_size = torch.device(opts.device), int(opts.bootstrap), \
+            int(opts.batch_size)
+        opts.metrics = tuple(opts.metrics) if opts.metrics else ALL_METRICS
+        opts.out_dir = Path(opts.out_dir) if opts.out_dir else None
+        unknown = [m for m in opts.metrics if m not in ALL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown} (known: {', '.join(ALL_METRICS)})")
+        if opts.samples not in ("first", "all"):
+            raise ValueError(f"samples must be 'first' or 'all', got {opts.samples!r}")
+        return opts
+
+
+@dataclass
+class _Run:
+    """One evaluation's sets, pairing and bootstrap draws, shared by the metric pieces."""
+    opts: EvalOptions
+    real_set: CineSet
+    fake_set: CineSet
+    pairing: object | None                  # io.Pairing; None when unpaired
+    real_idx: np.ndarray                    # videos entering the distribution metrics
+    fake_idx: np.ndarray
+    boot_real: list | None
+    boot_fake: list | None
+    boot_pairs: list | None
+    cache: _FeatureCache
+    result: dict
+    log: Callable[[str], None]
+
+
+def evaluate(real, fake, *, cfg=None, log: Callable[[str], None] | None = None, **options) -> dict:
+    """Evaluate generated cines against real ones; ``options``: the fields of ``EvalOptions``.
 
     real: ``"split:<name>"`` (the prepared dataset at ``data_root`` / ``cfg.data_root``), a folder of
       .npy / NIfTI cines, an array (N, 1, T, H, W) in [-1, 1] (or uint8), or a ``CineSet``.
     fake: a folder (``<subject>.npy`` / ``<subject>_<k>.npy`` / ``.nii.gz``), an array or a CineSet.
-    paired: pair by subject id (False: distribution metrics only).
-    samples: ``first`` (sample 0 per subject) or ``all`` (every sample, each paired with its real cine).
-    Other arguments override ``cfg.eval`` (fid_variant, fvd_variant, weights = weights_dir,
-    bootstrap, batch_size), ``cfg.device`` and the output folder used for caches (``out_dir``).
-    fid_frames: frames per video entering FID (evenly spaced; None = all, the standard).
-    networks: {"fid" | "fvd" | "lpips": module} replaces pretrained networks (plumbing tests only).
     Returns the metrics dict written to metrics.json (see report.write_outputs).
     """
-    log = log or _noop
-    ev = cfg.eval if cfg is not None else None
-    fid_variant = fid_variant or (ev.fid_variant if ev else "standard")
-    fvd_variant = fvd_variant or (ev.fvd_variant if ev else "standard")
-    weights = weights if weights is not None else (ev.weights_dir if ev else "")
-    bootstrap = int(bootstrap if bootstrap is not None else (ev.bootstrap if ev else 0))
-    batch_size = int(batch_size or (ev.batch_size if ev else 16))
-    if device is None:
-        from ..utils.device import select_device
-
-        device = select_device(cfg.device if cfg is not None else "auto")
-    device = torch.device(device)
-    if data_root is None and cfg is not None:
-        data_root = cfg.data_root
-    wanted = tuple(metrics) if metrics else ALL_METRICS
-    unknown = [m for m in wanted if m not in ALL_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metrics {unknown} (known: {', '.join(ALL_METRICS)})")
-    if samples not in ("first", "all"):
-        raise ValueError(f"samples must be 'first' or 'all', got {samples!r}")
-    networks = networks or {}
-    out_dir = Path(out_dir) if out_dir else None
-    cache = _FeatureCache(out_dir / "cache" if out_dir else None)
-    folder = weights_dir(weights)
+    opts = EvalOptions.resolve(cfg, **options)
     timing: dict[str, float] = {}
     t_start = time.time()
+    run = _load(real, fake, opts, log or _noop)
+    timing["load"] = time.time() - t_start
+    wanted, metrics, per_video = opts.metrics, run.result["metrics"], {}
+    with no_downloads():
+        for name, piece in (("fid", _fid), ("fvd", _fvd)):
+            if name in wanted:
+                t0 = time.time()
+                metrics[name] = piece(run)
+                timing[name] = time.time() - t0
+        if opts.paired:
+            per_video = _paired_fidelity(run, timing)
+        else:
+            for name in ("lpips", "psnr", "ssim"):
+                if name in wanted:
+                    metrics[name] = {"available": False, "reason": "unpaired mode: paired metric skipped"}
+        if "functional" in wanted:
+            t0 = time.time()
+            entry, curves = _functional(run)
+            metrics["functional"] = entry
+            if curves is not None:
+                per_video.update({k: v for k, v in curves.items() if k.startswith("pv_")})
+                run.result["_curves"] = curves  # for the report's plots; dropped from metrics.json
+            timing["functional"] = time.time() - t0
+    result = run.result
+    result["_real"], result["_fake"], result["_pairing"] = run.real_set, run.fake_set, run.pairing
+    if opts.paired:
+        result["per_video"] = _per_video_rows(run.real_set, run.fake_set, run.pairing, per_video)
+    timing["total"] = time.time() - t_start
+    result["timing_seconds"] = {k: round(v, 2) for k, v in timing.items()}
+    return result
 
-    # -- data ----------------------------------------------------------------------------------
-    t0 = time.time()
-    real_set = resolve_real(real, data_root or "")
-    fake_set = resolve_fake(fake, set(real_set.subjects) if paired else None, samples)
-    if samples == "first":
+
+def _load(real, fake, opts: EvalOptions, log) -> _Run:
+    """The real and generated sets, their pairing, the bootstrap draws and the result's header."""
+    real_set = resolve_real(real, opts.data_root or "")
+    fake_set = resolve_fake(fake, set(real_set.subjects) if opts.paired else None, opts.samples)
+    if opts.samples == "first":
         fake_set = _first_samples(fake_set)
-    timing["load"] = time.time() - t0
+    folder = weights_dir(opts.weights)
     result: dict = {
         "schema": 1,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "mode": "paired" if paired else "unpaired",
-        "samples": samples,
-        "device": str(device),
+        "mode": "paired" if opts.paired else "unpaired",
+        "samples": opts.samples,
+        "device": str(opts.device),
         "quantisation": QUANTISATION,
-        "weights_dir": str(folder) + ("" if weights else " (+ folders of installed packages that ship a network)"),
+        "weights_dir": str(folder) + ("" if opts.weights else " (+ folders of installed packages that ship a network)"),
         "real": real_set.describe(),
         "fake": fake_set.describe(),
         "metrics": {},
         "weights": {},
     }
-    if paired:
-        pairing = pair_by_subject(real_set, fake_set)
-        if len(pairing.real_index) == 0:
-            raise ValueError(f"no generated cine matches a real subject: real ids look like "
-                             f"{real_set.subjects[:3]}, generated like {fake_set.keys[:3]}. Use --unpaired "
-                             f"for distribution metrics only.")
-        if real_set.cines.shape[1:] != fake_set.cines.shape[1:]:
-            raise ValueError(f"real cines are {real_set.cines.shape[1:]} but generated are "
-                             f"{fake_set.cines.shape[1:]}; paired metrics need one shape")
-        result["pairs"] = {"n_pairs": int(len(pairing.real_index)),
-                           "n_subjects": int(len(set(pairing.real_index.tolist()))),
-                           "unmatched_generated": pairing.unmatched_fake[:50],
-                           "n_unmatched_generated": len(pairing.unmatched_fake),
-                           "unmatched_real": pairing.unmatched_real[:50],
-                           "n_unmatched_real": len(pairing.unmatched_real)}
+    pairing = None
+    if opts.paired:
+        pairing = _pair(real_set, fake_set, result)
         # Distribution metrics compare the generated set with the real cines of the same subjects.
-        real_dist_idx = np.unique(pairing.real_index)
-        fake_dist_idx = pairing.fake_index
+        real_idx, fake_idx = np.unique(pairing.real_index), pairing.fake_index
     else:
-        pairing = None
-        real_dist_idx = np.arange(len(real_set))
-        fake_dist_idx = np.arange(len(fake_set))
-    rng = np.random.default_rng(seed)
-    boot_real = [rng.integers(0, len(real_dist_idx), len(real_dist_idx)) for _ in range(bootstrap)]
-    boot_fake = ([rng.integers(0, len(fake_dist_idx), len(fake_dist_idx)) for _ in range(bootstrap)]
-                 if not paired else None)
-    boot_pairs = ([rng.integers(0, len(pairing.real_index), len(pairing.real_index)) for _ in range(bootstrap)]
-                  if paired else None)
-    result["bootstrap"] = {"resamples": bootstrap, "interval": "percentile 95%",
-                           "unit": "videos (pairs resampled jointly)" if paired else "videos"} if bootstrap else None
+        real_idx, fake_idx = np.arange(len(real_set)), np.arange(len(fake_set))
+    n, rng = opts.bootstrap, np.random.default_rng(opts.seed)
+    boot_real = [rng.integers(0, len(real_idx), len(real_idx)) for _ in range(n)]
+    boot_fake = [rng.integers(0, len(fake_idx), len(fake_idx)) for _ in range(n)] if not opts.paired else None
+    boot_pairs = ([rng.integers(0, len(pairing.real_index), len(pairing.real_index)) for _ in range(n)]
+                  if opts.paired else None)
+    result["bootstrap"] = {"resamples": n, "interval": "percentile 95%",
+                           "unit": "videos (pairs resampled jointly)" if opts.paired else "videos"} if n else None
+    cache = _FeatureCache(opts.out_dir / "cache" if opts.out_dir else None)
+    return _Run(opts, real_set, fake_set, pairing, real_idx, fake_idx, boot_real, boot_fake, boot_pairs, cache,
+                result, log)
 
-    with no_downloads():
-        # -- FID -------------------------------------------------------------------------------
-        if "fid" in wanted:
-            t0 = time.time()
-            result["metrics"]["fid"] = _fid(real_set, fake_set, real_dist_idx, fake_dist_idx, fid_variant, weights,
-                                            device, batch_size, networks.get("fid"), cache, fid_frames,
-                                            paired, pairing, boot_real, boot_fake, boot_pairs, result, log)
-            timing["fid"] = time.time() - t0
-        # -- FVD -------------------------------------------------------------------------------
-        if "fvd" in wanted:
-            t0 = time.time()
-            result["metrics"]["fvd"] = _fvd(real_set, fake_set, real_dist_idx, fake_dist_idx, fvd_variant, weights,
-                                            device, batch_size, networks.get("fvd"), cache, paired, pairing,
-                                            boot_real, boot_fake, boot_pairs, result, log)
-            timing["fvd"] = time.time() - t0
-        # -- paired fidelity ---------------------------------------------------------------------
-        per_video: dict[str, np.ndarray] = {}
-        if paired:
-            r_cines = real_set.cines[pairing.real_index]
-            f_cines = fake_set.cines[pairing.fake_index]
-            n_frames = int(r_cines.shape[0] * r_cines.shape[1])
-            for name, fn, unit in (("psnr", fidelity.psnr_frames, "dB"), ("ssim", fidelity.ssim_frames, "")):
-                if name not in wanted:
-                    continue
-                t0 = time.time()
-                vals = np.array([fn(f.astype(np.float64) / 127.5 - 1.0, r.astype(np.float64) / 127.5 - 1.0).mean()
-                                 for f, r in zip(f_cines, r_cines)])
-                per_video[name] = vals
-                result["metrics"][name] = _paired_summary(
-                    vals, boot_pairs, n_frames,
-                    variant=("per-frame PSNR on [-1, 1] cines, data_range 2, mean over frames then videos"
-                             if name == "psnr" else
-                             "per-frame SSIM (Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, valid region) on [-1, 1], "
-                             "data_range 2, mean over frames then videos"), unit=unit)
-                timing[name] = time.time() - t0
-            if "lpips" in wanted:
-                t0 = time.time()
-                try:
-                    metric = ex.build_lpips(weights, device, batch_size * 4, networks.get("lpips"))
-                    vals = np.array([metric(f, r).mean() for f, r in zip(f_cines, r_cines)])
-                    per_video["lpips"] = vals
-                    entry = _paired_summary(vals, boot_pairs, n_frames,
-                                            variant="LPIPS v0.1, AlexNet trunk + lpips linear layers, per frame "
-                                                    "at 96 x 96, [-1, 1] input, grey replicated to RGB")
-                    entry["weights"] = _weight_info(metric.weight, "lpips network injected (plumbing)")
-                    if metric.weight is not None:
-                        entry["weights"]["linear_layers"] = str(ex.lpips_linear_weights_path())
-                        result["weights"]["lpips_alex"] = entry["weights"]
-                    result["metrics"]["lpips"] = entry
-                except WeightsUnavailable as err:
-                    result["metrics"]["lpips"] = dict(err.as_dict(), variant="LPIPS v0.1 AlexNet")
-                    log(f"LPIPS unavailable: {err}")
-                timing["lpips"] = time.time() - t0
-        else:
-            for name in ("lpips", "psnr", "ssim"):
-                if name in wanted:
-                    result["metrics"][name] = {"available": False, "reason": "unpaired mode: paired metric skipped"}
 
-        # -- functional --------------------------------------------------------------------------
-        if "functional" in wanted:
-            t0 = time.time()
-            entry, curves = _functional(real_set, fake_set, pairing, data_root, out_dir, segmenter_steps, seed,
-                                        device, boot_pairs, log)
-            result["metrics"]["functional"] = entry
-            if curves is not None:
-                per_video.update({k: v for k, v in curves.items() if k.startswith("pv_")})
-                result["_curves"] = curves  # for the report's plots; dropped from metrics.json
-            timing["functional"] = time.time() - t0
+def _pair(real_set: CineSet, fake_set: CineSet, result: dict):
+    """Generated cines paired with the real cine of their subject (recorded in ``result["pairs"]``)."""
+    pairing = pair_by_subject(real_set, fake_set)
+    if len(pairing.real_index) == 0:
+        raise ValueError(f"no generated cine matches a real subject: real ids look like "
+                         f"{real_set.subjects[:3]}, generated like {fake_set.keys[:3]}. Use --unpaired "
+                         f"for distribution metrics only.")
+    if real_set.cines.shape[1:] != fake_set.cines.shape[1:]:
+        raise ValueError(f"real cines are {real_set.cines.shape[1:]} but generated are "
+                         f"{fake_set.cines.shape[1:]}; paired metrics need one shape")
+    result["pairs"] = {"n_pairs": int(len(pairing.real_index)),
+                       "n_subjects": int(len(set(pairing.real_index.tolist()))),
+                       "unmatched_generated": pairing.unmatched_fake[:50],
+                       "n_unmatched_generated": len(pairing.unmatched_fake),
+                       "unmatched_real": pairing.unmatched_real[:50],
+                       "n_unmatched_real": len(pairing.unmatched_real)}
+    return pairing
 
-    result["_real"], result["_fake"], result["_pairing"] = real_set, fake_set, pairing
-    if paired:
-        result["per_video"] = _per_video_rows(real_set, fake_set, pairing, per_video)
-    timing["total"] = time.time() - t_start
-    result["timing_seconds"] = {k: round(v, 2) for k, v in timing.items()}
-    return result
+
+PAIRED_VARIANTS = {
+    "psnr": "per-frame PSNR on [-1, 1] cines, data_range 2, mean over frames then videos",
+    "ssim": "per-frame SSIM (Gaussian 11x11, sigma 1.5, K1 0.01, K2 0.03, valid region) on [-1, 1], "
+            "data_range 2, mean over frames then videos",
+    "lpips": "LPIPS v0.1, AlexNet trunk + lpips linear layers, per frame at 96 x 96, [-1, 1] input, grey "
+             "replicated to RGB",
+}
+
+
+def _paired_fidelity(run: _Run, timing: dict) -> dict[str, np.ndarray]:
+    """PSNR, SSIM and LPIPS of each generated cine against its subject's real cine; returns the
+    per-video values (the metrics land in ``run.result``)."""
+    opts, metrics, per_video = run.opts, run.result["metrics"], {}
+    r_cines = run.real_set.cines[run.pairing.real_index]
+    f_cines = run.fake_set.cines[run.pairing.fake_index]
+    n_frames = int(r_cines.shape[0] * r_cines.shape[1])
+    for name, fn, unit in (("psnr", fidelity.psnr_frames, "dB"), ("ssim", fidelity.ssim_frames, "")):
+        if name not in opts.metrics:
+            continue
+        t0 = time.time()
+        vals = np.array([fn(f.astype(np.float64) / 127.5 - 1.0, r.astype(np.float64) / 127.5 - 1.0).mean()
+                         for f, r in zip(f_cines, r_cines)])
+        per_video[name] = vals
+        metrics[name] = _paired_summary(vals, run.boot_pairs, n_frames, variant=PAIRED_VARIANTS[name], unit=unit)
+        timing[name] = time.time() - t0
+    if "lpips" in opts.metrics:
+        t0 = time.time()
+        try:
+            metric = ex.build_lpips(opts.weights, opts.device, opts.batch_size * 4, opts.networks.get("lpips"))
+            vals = np.array([metric(f, r).mean() for f, r in zip(f_cines, r_cines)])
+            per_video["lpips"] = vals
+            entry = _paired_summary(vals, run.boot_pairs, n_frames, variant=PAIRED_VARIANTS["lpips"])
+            entry["weights"] = _weight_info(metric.weight, "lpips network injected (plumbing)")
+            if metric.weight is not None:
+                entry["weights"]["linear_layers"] = str(ex.lpips_linear_weights_path())
+                run.result["weights"]["lpips_alex"] = entry["weights"]
+            metrics["lpips"] = entry
+        except WeightsUnavailable as err:
+            metrics["lpips"] = dict(err.as_dict(), variant="LPIPS v0.1 AlexNet")
+            run.log(f"LPIPS unavailable: {err}")
+        timing["lpips"] = time.time() - t0
+    return per_video
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,15 +371,16 @@ def _real_position(real_dist_idx: np.ndarray, pairing) -> np.ndarray | None:
     return np.array([where[int(r)] for r in pairing.real_index], dtype=np.int64)
 
 
-def _fid(real_set, fake_set, real_idx, fake_idx, variant, folder, device, batch_size, network, cache,
-         fid_frames, paired, pairing, boot_real, boot_fake, boot_pairs, result, log) -> dict:
+def _fid(run: _Run) -> dict:
+    opts, real_set, fake_set, real_idx, fake_idx = run.opts, run.real_set, run.fake_set, run.real_idx, run.fake_idx
+    variant, cache, log, result = opts.fid_variant, run.cache, run.log, run.result
     base = {"variant": variant, "description": FID_DESCRIPTION.get(variant, variant)}
     try:
-        extractor = ex.build_fid(variant, folder, device, batch_size * 4, network)
+        extractor = ex.build_fid(variant, opts.weights, opts.device, opts.batch_size * 4, opts.networks.get("fid"))
     except WeightsUnavailable as err:
         log(f"FID unavailable: {err}")
         return dict(err.as_dict(), **base)
-    frames = _frame_subset(real_set.cines.shape[1], fid_frames)
+    frames = _frame_subset(real_set.cines.shape[1], opts.fid_frames)
     real_c, fake_c = real_set.cines[real_idx], fake_set.cines[fake_idx]
     tag = extractor.weight.sha256[:16] if extractor.weight is not None else None
     key = f"fid-{variant}-{tag}-{_hash_cines(real_c)}-{len(frames)}" if tag else None
@@ -354,17 +401,20 @@ def _fid(real_set, fake_set, real_idx, fake_idx, variant, folder, device, batch_
     entry["weights"] = _weight_info(extractor.weight, "FID network injected (plumbing)")
     if extractor.weight is not None:
         result["weights"][extractor.weight.spec.key] = entry["weights"]
-    if boot_real or boot_pairs:
-        entry["ci95"] = _percentile_ci(_boot_fd(real_feats, fake_feats, paired, _real_position(real_idx, pairing),
-                                                boot_real, boot_fake, boot_pairs))
+    if run.boot_real or run.boot_pairs:
+        entry["ci95"] = _percentile_ci(_boot_fd(real_feats, fake_feats, opts.paired,
+                                                _real_position(real_idx, run.pairing), run.boot_real, run.boot_fake,
+                                                run.boot_pairs))
     return entry
 
 
-def _fvd(real_set, fake_set, real_idx, fake_idx, variant, folder, device, batch_size, network, cache,
-         paired, pairing, boot_real, boot_fake, boot_pairs, result, log) -> dict:
+def _fvd(run: _Run) -> dict:
+    opts, real_set, fake_set, real_idx, fake_idx = run.opts, run.real_set, run.fake_set, run.real_idx, run.fake_idx
+    variant, cache, log, result = opts.fvd_variant, run.cache, run.log, run.result
     base = {"variant": variant, "description": FVD_DESCRIPTION.get(variant, variant)}
     try:
-        extractor = ex.build_fvd(variant, folder, device, max(1, batch_size // 4), network)
+        extractor = ex.build_fvd(variant, opts.weights, opts.device, max(1, opts.batch_size // 4),
+                                 opts.networks.get("fvd"))
     except WeightsUnavailable as err:
         log(f"FVD unavailable: {err}")
         return dict(err.as_dict(), **base)
@@ -391,15 +441,12 @@ def _fvd(real_set, fake_set, real_idx, fake_idx, variant, folder, device, batch_
     entry["weights"] = _weight_info(extractor.weight, "FVD network injected (plumbing)")
     if extractor.weight is not None:
         result["weights"][extractor.weight.spec.key] = entry["weights"]
-    if boot_real or boot_pairs:
-        pos = _real_position(real_idx, pairing)
-        vals = []
-        if paired:
-            for idx in boot_pairs:
-                vals.append(fd_from_features(real_feats[pos[idx]], fake_feats[idx]))
+    if run.boot_real or run.boot_pairs:
+        pos = _real_position(real_idx, run.pairing)
+        if opts.paired:
+            vals = [fd_from_features(real_feats[pos[idx]], fake_feats[idx]) for idx in run.boot_pairs]
         else:
-            for ri, fi in zip(boot_real, boot_fake):
-                vals.append(fd_from_features(real_feats[ri], fake_feats[fi]))
+            vals = [fd_from_features(real_feats[ri], fake_feats[fi]) for ri, fi in zip(run.boot_real, run.boot_fake)]
         entry["ci95"] = _percentile_ci(vals)
     return entry
 
@@ -418,14 +465,17 @@ def _segmenter_source(real_set: CineSet, data_root):
     return None
 
 
-def _functional(real_set, fake_set, pairing, data_root, out_dir, steps, seed, device, boot_pairs, log):
+def _functional(run: _Run):
+    opts, real_set, fake_set, pairing, boot_pairs = run.opts, run.real_set, run.fake_set, run.pairing, run.boot_pairs
+    data_root, device = opts.data_root, opts.device
     prepared = _segmenter_source(real_set, data_root)
     if prepared is None:
         return ({"available": False,
                  "reason": "no prepared dataset with ground-truth masks to train the LV segmenter on "
                            f"(looked at the real set and data root '{data_root}'); run prepare_data.py"}, None)
-    cache_path = (out_dir / "segmenter.pt") if out_dir else None
-    model, seg_info = functional.segmenter_for(prepared, cache_path, steps=steps, seed=seed, device=device, log=log)
+    cache_path = (opts.out_dir / "segmenter.pt") if opts.out_dir else None
+    model, seg_info = functional.segmenter_for(prepared, cache_path, steps=opts.segmenter_steps, seed=opts.seed,
+                                               device=device, log=run.log)
     entry: dict = {"available": True, "segmenter": seg_info,
                    "definitions": {"lv_area": "pixels labelled LV per frame",
                                    "es_frame": "argmin of the LV area curve (frames, 0 = R-peak)",

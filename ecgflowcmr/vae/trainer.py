@@ -34,22 +34,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, refuse_other_config
+from ..config import Config, ConfigError
 from ..data.datasets import PreparedDataset
-from ..utils.checkpoint import checkpoint_to_resume
 from ..utils.device import autocast, select_device
-from ..utils.dist import cleanup, init_distributed, is_distributed, is_main, make_loader, rank, world_size, wrap_ddp
+from ..utils.dist import init_distributed, is_distributed, is_main, make_loader, rank, world_size, wrap_ddp
 from ..utils.run import require_file, setup_logging, stage_dir
 from ..utils.seed import seed_everything
+from ..utils.stage import StageRun, run_stage
 from ..utils.train import build_optimizer, clip_grad, cosine_schedule
 from ..utils.trainer import LoopSettings, Stage, Trainer
 from .discriminator import PatchDiscriminator3D
 from .losses import adaptive_weight, build_lpips, framewise_lpips, hinge_d_loss, kl_per_pixel
 from .model import VAE3D
-
-# vae keys that may change between a run and its resumption (they change neither model nor data order)
-RESUMABLE_KEYS = {"epochs", "max_steps", "log_every", "val_every", "num_workers", "ckpt_every"}
-
 
 # ----------------------------------------------------------------------------------------------
 # One training step
@@ -308,28 +304,26 @@ def save_figures(vae: VAE3D, dataset: PreparedDataset, fig_dir: Path, device: to
 
 
 def train(cfg: Config, resume: bool = False, fresh: bool = False, extract: bool = True) -> dict:
-    """Train the VAE, then cache latents + template from ``best.pt``; returns a summary."""
-    device = select_device(cfg.device)
-    init_distributed(device)
-    try:
-        summary = _train(cfg, device, resume, fresh)
+    """Train the VAE, then (``extract``) cache latents + template from ``best.pt``; returns a summary.
+    A finished training run still extracts: the latents may be what is missing."""
+
+    def then_extract(summary: dict, run: StageRun) -> dict:
         if extract:
-            summary["latents"] = extract_latents(cfg, device)
+            summary["latents"] = extract_latents(cfg, run.device)
         return summary
-    finally:
-        cleanup()
+
+    def finished_run(run: StageRun) -> dict:
+        extra = run.ckpt.get("extra", {})
+        return then_extract({"val": extra.get("val", {}), "best_val_l1": float(extra.get("best_val_l1", math.inf)),
+                             "step": int(run.ckpt["step"])}, run)
+
+    return run_stage(cfg, "vae", "train_disentangle_vae3d.py", resume, fresh,
+                     lambda run: then_extract(_train(run), run), done=finished_run,
+                     requires=((cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)"),))
 
 
-def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict:
-    v = cfg.vae
-    require_file(cfg.data_root / "meta.json", "prepare_data.py (the prepared dataset)")
-    out_dir = stage_dir(cfg, "vae")
-    log = setup_logging(out_dir / "train.log")
-    last_path = out_dir / "last.pt"
-    ckpt = checkpoint_to_resume(last_path, resume, fresh, "train_disentangle_vae3d.py", log)
-    if ckpt is not None:
-        refuse_other_config(ckpt, cfg, last_path, "vae", RESUMABLE_KEYS)
-
+def _train(run: StageRun) -> dict:
+    cfg, device, out_dir, log, ckpt, v = run.cfg, run.device, run.out, run.log, run.ckpt, run.cfg.vae
     seed_everything(cfg.seed)
     train_set = PreparedDataset(cfg.data_root, "train", fields=("cine",))
     val_set = PreparedDataset(cfg.data_root, "val", fields=("cine",))
@@ -346,10 +340,6 @@ def _train(cfg: Config, device: torch.device, resume: bool, fresh: bool) -> dict
     if ckpt is not None:
         stage.check_resumable(ckpt)
     trainer.restore(ckpt)
-    state = trainer.state
-    if trainer.done():
-        log.info("stage 2 already trained (%d epochs, %d steps in %s)", state.epoch, state.step, last_path)
-        return {"val": state.last_val, "best_val_l1": state.best, "step": state.step}
     n_disc = sum(p.numel() for p in stage.disc.parameters()) if stage.use_gan else 0
     log.info("stage 2 VAE: %d train / %d val videos, VAE %.2fM + disc %.2fM parameters, %d steps/epoch, "
              "%d steps in all, GAN from step %s, LPIPS %s, device %s", len(train_set), len(val_set),
