@@ -11,7 +11,7 @@ import pytest
 
 from ecgflowcmr.ecg import train as ecg_train
 from ecgflowcmr.flow import trainer as flow_trainer
-from ecgflowcmr.utils import dist
+from ecgflowcmr.utils import dist, stage
 from ecgflowcmr.utils.device import select_device
 from ecgflowcmr.vae import trainer as vae_trainer
 from tests.flow_fakes import use_bridges
@@ -22,7 +22,7 @@ def main(root: str) -> None:
     device = select_device("cpu")
     assert dist.init_distributed(device), "expected to run under torchrun with WORLD_SIZE=2"
     mp = pytest.MonkeyPatch()
-    for module in (ecg_train, vae_trainer, dist):       # one process group for the three stages
+    for module in (stage, dist):                        # one process group for the three stages
         mp.setattr(module, "cleanup", dist.barrier)
     use_bridges(mp, real_ecg=False, real_vae=False)
     cfgs = stage_configs(Path(root), ddp=True)
