@@ -80,6 +80,26 @@ def test_no_plausible_rhythm_is_an_error():
         detect_rpeaks(np.zeros((3, 5000)))
 
 
+def test_a_beat_found_by_exactly_half_of_the_runs_is_kept():
+    """The vote counts runs per 50 ms group: half of them suffice, one less does not."""
+    from ecgflowcmr.ecg.phase import _vote
+
+    runs = [np.array([100, 1000, 2000, 3000]),
+            np.array([104, 1000, 2002]),
+            np.array([1000, 3010]),
+            np.array([1002, 4000])]
+    beats, votes = _vote(runs, fs=500)
+    # 100/104: 2 of 4 runs; 1000: all 4; 2000/2002: 2; 3000/3010 (20 ms apart): 2; 4000: 1 -> dropped
+    np.testing.assert_allclose(beats, [102.0, 1000.0, 2001.0, 3005.0])
+    np.testing.assert_array_equal(votes, [2, 4, 2, 2])
+    # with three runs half is 1.5: two runs keep a beat, one does not
+    beats, votes = _vote(runs[:3], fs=500)
+    np.testing.assert_allclose(beats, [102.0, 1000.0, 2001.0, 3005.0])
+    np.testing.assert_array_equal(votes, [2, 3, 2, 2])
+    beats, _ = _vote([np.array([100, 600]), np.array([600]), np.array([600, 900])], fs=500)
+    np.testing.assert_allclose(beats, [600.0])
+
+
 def test_single_lead_input(ptbxl_ecgs):
     ecg = ptbxl_ecgs[PTBXL_RECORDS[1]]
     np.testing.assert_array_equal(detect_rpeaks(ecg[1]), detect_rpeaks(ecg))
