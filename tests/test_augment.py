@@ -107,6 +107,36 @@ def test_each_step_does_what_it_says():
     assert np.all((noise_sd > 0.004) & (noise_sd < 0.055))
 
 
+class CountingRng:
+    """A numpy Generator that remembers what each ``integers`` call returned."""
+
+    def __init__(self, seed: int):
+        self.rng, self.drawn = np.random.default_rng(seed), []
+
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
+
+    def integers(self, *args, **kwargs):
+        value = self.rng.integers(*args, **kwargs)
+        self.drawn.append(value)
+        return value
+
+
+def test_missing_leads_zero_exactly_the_drawn_number_of_distinct_leads():
+    """The step draws a count in 1..10 and zeroes that many different leads: never fewer (a lead
+    drawn twice), never the last two."""
+    ecg = spikes(np.arange(200, 5000, 450)) * 0.1             # every lead non-zero
+    counts = set()
+    for seed in range(40):
+        rng = CountingRng(seed)
+        out, _ = augment_ecg(ecg, np.arange(200, 5000, 450), rng, probabilities=dict(ONLY, missing=1.0))
+        asked = int(rng.drawn[0])                               # the step's first draw is its count
+        zeroed = np.flatnonzero(~out.any(axis=1))
+        assert len(zeroed) == asked, (seed, asked, zeroed)
+        counts.add(asked)
+    assert counts == set(range(1, 11))                          # the 40 records asked for every count
+
+
 def test_batch_labels_follow_the_moved_peaks_and_are_reproducible():
     rows = np.full((3, 64), -1, dtype=np.int64)
     records = []

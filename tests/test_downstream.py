@@ -83,6 +83,26 @@ def test_folds_and_balanced_cohorts():
         D.balanced_cohorts(classes, "healthy", seed=0)
 
 
+@pytest.mark.parametrize("sizes, k, fold_sizes", [
+    ((3, 3, 3), 4, [3, 2, 2, 2]),       # dealing per class would give 3, 3, 3, 0: an empty fold
+    ((7, 4, 2), 3, [5, 4, 4]),          # per class: 3+2+1, 2+1+1, 2+1+0 = 6, 4, 3
+    ((1, 1, 1, 1, 1), 5, [1, 1, 1, 1, 1]),
+])
+def test_folds_are_balanced_in_size_and_in_every_class(sizes, k, fold_sizes):
+    """Class sizes where dealing each class from fold 0 again and dealing on across classes differ:
+    fold sizes are within one of n / k, and each class is within one of its n_c / k in every fold."""
+    names = ["a", "b", "c", "d", "e"][:len(sizes)]
+    classes = np.repeat(names, sizes)
+    for seed in range(3):
+        fold = D.stratified_folds(classes, len(classes), k, seed=seed)
+        assert sorted(np.bincount(fold, minlength=k).tolist(), reverse=True) == fold_sizes
+        for name, n_c in zip(names, sizes):
+            per_fold = np.bincount(fold[classes == name], minlength=k)
+            assert set(per_fold.tolist()) <= {n_c // k, -(-n_c // k)}, (name, per_fold)
+    # no classes: the subjects dealt as one group
+    assert np.bincount(D.stratified_folds(None, 10, 4, seed=0)).tolist() == [3, 3, 2, 2]
+
+
 # ---------------------------------------------------------------------------------------------- subjects
 
 def _table(n_train=8, n_test=12):
@@ -547,3 +567,27 @@ def test_flow_sources_generator_nearest_template(tmp_path, monkeypatch, seen, ca
 
     template = build_source("template", load_config(TINY_YAML), None, None, None, out, flow)
     np.testing.assert_array_equal(template.cine(3, 0), cine_to_uint8(flow.template_video()[0, 0].numpy()))
+
+
+@pytest.mark.parametrize("change", ["infer.guidance=2.5", "infer.steps=2", "infer.sampler=heun", "infer.seed=1"])
+def test_generated_cines_are_keyed_by_every_sampling_setting(tmp_path, change):
+    """Cines generated with one setting are never reused for another: the second cache opens with
+    another key and is refused; the same setting opens the same cache again."""
+    from types import SimpleNamespace
+
+    from ecgflowcmr.downstream.sources import Pool, build_source
+
+    checkpoint = tmp_path / "flow.pt"
+    checkpoint.write_bytes(b"flow weights")
+    flow = SimpleNamespace(info={"checkpoint": str(checkpoint), "vae_hash": "v", "ecg_hash": "e"})
+    pool = Pool(["P0", "P1"], np.zeros((2, 12, 5000), np.float32), None, "pool")
+    out = tmp_path / "downstream"
+    build_source("generator", tiny(), pool, None, None, out, flow)
+    first = json.loads((out / "pool" / "generator.key.json").read_text())
+    assert (first["guidance"], first["steps"], first["sampler"], first["seed"]) == (1.0, 1, "euler", 0)
+    with pytest.raises(D.DownstreamDataError, match="holds cines made with"):
+        build_source("generator", tiny(change), pool, None, None, out, flow)
+    build_source("generator", tiny(), pool, None, None, out, flow)       # the same key: reopened
+    fresh = tmp_path / "other"
+    build_source("generator", tiny(change), pool, None, None, fresh, flow)
+    assert json.loads((fresh / "pool" / "generator.key.json").read_text()) != first

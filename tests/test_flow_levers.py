@@ -146,6 +146,42 @@ def test_ecg_anchor_end_to_end_fit_train_resume_and_generate(tmp_path, fake_brid
 
 
 
+def test_ecg_anchored_generation_starts_at_the_heads_output_plus_alpha_noise():
+    """With a velocity of zero (a fresh DiT: zero-initialised output) the flow stays where it
+    starts, so the generated latents ARE z0: head(ECG) + alpha * eps for the seeds' eps, mapped
+    back to the VAE scale; not the template plus noise."""
+    from ecgflowcmr.flow.dit import FlowDiT
+    from ecgflowcmr.flow.generator import seeded_noise_batch
+    from ecgflowcmr.flow.transport import LatentNorm
+    from tests.flow_fakes import FAKE_DIM, FakeECGEncoder, FakeVAE
+
+    torch.manual_seed(0)
+    vae = FakeVAE(4)
+    tpl = {"template": torch.randn(4, 1, 4, 4), "mean": torch.randn(4), "std": torch.rand(4) + 0.5,
+           "vae_hash": vae.state_hash()}                                   # 4 x 4 latents: a fast DiT
+    norm = LatentNorm.from_template(tpl)
+    head = AnchorHead(norm.normalize(tpl["template"][None])[0], ecg_dim=FAKE_DIM, num_frames=50, hidden=8, kernel=3)
+    with torch.no_grad():                       # a head that has learnt something: not the template
+        for layer in (head.static, head.frame_mlp[-1]):
+            layer.weight.normal_(std=0.3)
+            layer.bias.normal_(std=0.3)
+    dit = FlowDiT(latent_size=4, ecg_dim=FAKE_DIM, hidden=16, depth=1, heads=2, patch_size=2)
+    alpha = 0.5
+    ecg = torch.randn(2, 12, 5000) * 0.1
+    for residual in (False, True):
+        pipe = ECGToCine(dit, FakeECGEncoder(), vae, tpl, norm, alpha, True, torch.device("cpu"), amp=False,
+                         anchor_head=head, residual_input=residual)
+        cycle = pipe.encode(ecg)
+        with torch.no_grad():
+            mean = head(cycle.tokens, cycle.pooled)                            # (2, 4, 50, 4, 4)
+        eps = seeded_noise_batch([7, 8], pipe.latent_shape)
+        for sampler, guidance in (("euler", 1.0), ("heun", 2.0)):
+            out = pipe.generate(ecg, seeds=[7, 8], sampler=sampler, steps=2, guidance=guidance, cycle=cycle)
+            torch.testing.assert_close(out.latents, norm.denormalize(mean + alpha * eps), atol=1e-5, rtol=1e-5)
+        template_start = norm.denormalize(norm.normalize(tpl["template"][None]) + alpha * eps)
+        assert (out.latents - template_start).abs().max() > 0.1
+
+
 def test_snapshots_hold_the_ema_weights_at_the_requested_steps_and_a_template_run_cannot_regress(
         tmp_path, fake_bridges):
     from ecgflowcmr.flow.trainer import train

@@ -9,8 +9,9 @@ import torch
 
 from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 from ecgflowcmr.data.ecg_io import read_ecg
-from ecgflowcmr.data.phase import (TWO_PI, RPeakError, RPeakWarning, detect_rpeaks, heart_rate,
-                                  phase_batch, phase_from_rpeaks, phase_from_targets, phase_targets)
+from ecgflowcmr.data.phase import (QRS_MIN_FRACTION, QRS_MIN_MV, TWO_PI, RPeakError, RPeakWarning, detect_rpeaks,
+                                  has_plausible_qrs, heart_rate, phase_batch, phase_from_rpeaks, phase_from_targets,
+                                  phase_targets, qrs_amplitude)
 
 BRADYCARDIA, TACHYCARDIA = "426177001", "427084000"  # SNOMED-CT codes in the PTB-XL headers
 
@@ -71,6 +72,65 @@ def test_falls_back_to_another_lead_and_says_so(ptbxl_ecgs):
         detect_rpeaks(ecg)
 
 
+DRIFT = 0.1 * np.arange(5000) / 500        # 0.1 mV/s for 10 s: a loose electrode, no ECG
+
+
+@pytest.fixture(scope="module")
+def simulated_ecg():
+    """A 12-lead record from neurokit2's simulator (10 s at 500 Hz, 70 bpm): (12, 5000) mV."""
+    import neurokit2 as nk
+
+    frame = nk.ecg_simulate(duration=10, sampling_rate=500, method="multileads", random_state=0)
+    return frame[["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]].to_numpy().T
+
+
+def test_qrs_band_amplitude_by_hand():
+    t = np.arange(5000) / 500
+    # mid-band (sqrt(5 * 25) = 11.2 Hz) a sinusoid passes whole: its 99th percentile of |x| is ~A
+    assert qrs_amplitude(0.4 * np.sin(2 * np.pi * 11.2 * t), 500) == pytest.approx(0.4, rel=0.02)
+    # drift does not reach the band: a ramp, a 0.3 mV 1 Hz wave (breathing, movement)
+    assert qrs_amplitude(DRIFT, 500) < 0.01 * QRS_MIN_MV
+    assert qrs_amplitude(0.3 * np.sin(2 * np.pi * 1.0 * t), 500) < 0.1 * QRS_MIN_MV
+    # the limits: 0.01 mV, and 0.02 of the median lead
+    assert has_plausible_qrs(QRS_MIN_MV, 0.4)[0] and not has_plausible_qrs(0.99 * QRS_MIN_MV, 0.4)[0]
+    assert has_plausible_qrs(QRS_MIN_FRACTION * 2.0, 2.0)[0]
+    ok, why = has_plausible_qrs(0.99 * QRS_MIN_FRACTION * 2.0, 2.0)
+    assert not ok and why.startswith("no plausible QRS")
+
+
+def test_a_lead_ii_of_drift_neither_votes_nor_receives_the_peaks(simulated_ecg):
+    """Lead II replaced by a 0.1 mV/s ramp: the peaks go on lead I, within 10 ms of those found with
+    lead II intact, with a warning naming lead I and why lead II was not used."""
+    ecg = simulated_ecg.copy()
+    intact, info = detect_rpeaks(ecg, return_info=True)
+    assert info["placed_on"] == "II" and info["voters"].startswith("II,")
+    ecg[1] = DRIFT
+    with pytest.warns(RPeakWarning, match=r"placed on lead I: lead II unusable \(no plausible QRS"):
+        peaks, info = detect_rpeaks(ecg, return_info=True)
+    assert info["placed_on"] == "I" and "II" not in info["voters"].split(",")
+    assert len(peaks) == len(intact) and np.abs(peaks - intact).max() <= 5           # 10 ms at 500 Hz
+    ecg[1] = 0.0                                                                 # as if lead II were off
+    with pytest.warns(RPeakWarning, match="flat line"):
+        np.testing.assert_array_equal(detect_rpeaks(ecg), peaks)
+    with pytest.raises(RPeakError, match="no plausible QRS"):                    # the ramp alone
+        detect_rpeaks(DRIFT)
+
+
+def test_a_lead_ii_that_did_not_vote_does_not_receive_the_peaks(ptbxl_ecgs):
+    """Lead II finite, not flat, with QRS complexes, but only for 3 s: no detector finds a plausible
+    rhythm in it, so it does not vote, and the peaks are placed as if it were off (on lead I)."""
+    ecg = ptbxl_ecgs[PTBXL_RECORDS[0]].astype(np.float64)
+    off = ecg.copy()
+    off[1] = 0.0
+    with pytest.warns(RPeakWarning, match="flat line"):
+        reference = detect_rpeaks(off)
+    ecg[1, 1500:] = 0.0
+    with pytest.warns(RPeakWarning, match=r"placed on lead I: lead II unusable \(\d+ R-peaks where"):
+        peaks, info = detect_rpeaks(ecg, return_info=True)
+    assert info["placed_on"] == "I" and info["voters"] == "I,V5,V6,V4"
+    np.testing.assert_array_equal(peaks, reference)
+
+
 def test_no_plausible_rhythm_is_an_error():
     with pytest.raises(RPeakError, match="no plausible R-peaks"):
         detect_rpeaks(np.zeros((12, 5000)))
@@ -78,6 +138,26 @@ def test_no_plausible_rhythm_is_an_error():
         detect_rpeaks(np.random.default_rng(0).normal(size=5000) * 1e-5)
     with pytest.raises(ValueError):
         detect_rpeaks(np.zeros((3, 5000)))
+
+
+def test_a_beat_found_by_exactly_half_of_the_runs_is_kept():
+    """The vote counts runs per 50 ms group: half of them suffice, one less does not."""
+    from ecgflowcmr.ecg.phase import _vote
+
+    runs = [np.array([100, 1000, 2000, 3000]),
+            np.array([104, 1000, 2002]),
+            np.array([1000, 3010]),
+            np.array([1002, 4000])]
+    beats, votes = _vote(runs, fs=500)
+    # 100/104: 2 of 4 runs; 1000: all 4; 2000/2002: 2; 3000/3010 (20 ms apart): 2; 4000: 1 -> dropped
+    np.testing.assert_allclose(beats, [102.0, 1000.0, 2001.0, 3005.0])
+    np.testing.assert_array_equal(votes, [2, 4, 2, 2])
+    # with three runs half is 1.5: two runs keep a beat, one does not
+    beats, votes = _vote(runs[:3], fs=500)
+    np.testing.assert_allclose(beats, [102.0, 1000.0, 2001.0, 3005.0])
+    np.testing.assert_array_equal(votes, [2, 3, 2, 2])
+    beats, _ = _vote([np.array([100, 600]), np.array([600]), np.array([600, 900])], fs=500)
+    np.testing.assert_allclose(beats, [600.0])
 
 
 def test_single_lead_input(ptbxl_ecgs):

@@ -10,7 +10,8 @@ from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS, ROOT
 from ecgflowcmr.data.annotated import annotated_windows
 from ecgflowcmr.data.ecg_io import ECGReadError, read_ecg
 from ecgflowcmr.ecg.metrics import match_peaks
-from ecgflowcmr.data.phase import LEAD_INDEX, RPeakWarning, detect_rpeaks
+from ecgflowcmr.data.phase import (FLAT_STD, LEAD_INDEX, QRS_MIN_FRACTION, QRS_MIN_MV, RPeakWarning, detect_rpeaks,
+                                  qrs_amplitude)
 
 MITDB = ROOT / "tests" / "data" / "mitdb-100" / "100"
 
@@ -72,6 +73,18 @@ def test_consensus_without_lead_ii_places_on_the_next_lead(mitdb):
         assert info["placed_on"] == "V5" and info["voters"] == "V5"
         found.append(peaks)
     assert f1_against(reference[:6], found) >= 0.99
+
+
+def test_every_real_lead_has_a_plausible_qrs_with_room_to_spare(mitdb):
+    """The QRS limits never drop a lead of a real record: every lead of the five PTB-XL records and
+    of the MIT-BIH windows is at least 5x above both (smallest: 0.096 mV, 0.26 of the median lead)."""
+    records = [read_ecg(EXAMPLE_ECG_DIR / f"{name}.hea") for name in PTBXL_RECORDS] + list(mitdb[0])
+    smallest, smallest_fraction = np.inf, np.inf
+    for ecg in records:
+        amplitudes = np.array([qrs_amplitude(lead, 500) for lead in ecg if lead.std() >= FLAT_STD])
+        smallest = min(smallest, amplitudes.min())
+        smallest_fraction = min(smallest_fraction, (amplitudes / np.median(amplitudes)).min())
+    assert smallest >= 5 * QRS_MIN_MV and smallest_fraction >= 5 * QRS_MIN_FRACTION, (smallest, smallest_fraction)
 
 
 def test_an_artefact_in_one_lead_is_outvoted():

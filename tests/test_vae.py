@@ -395,6 +395,39 @@ def test_extraction_resumes_without_duplicating_or_losing_rows(tmp_path):
     other = _tiny_vae(seed=1)
     extract_all(other, data, tmp_path / "run", device, batch_size=3, progress=False)
     assert torch.load(tmp_path / "run" / "template.pt", weights_only=True)["vae_hash"] == other.state_hash()
+    for split in ("train", "val", "test"):                    # and the latents are the new weights' own
+        np.testing.assert_allclose(np.load(tmp_path / "run" / f"{split}.npy")[:1],
+                                   encoded_rows(other, data, split, [0]), rtol=1e-4, atol=1e-5)
+
+
+def encoded_rows(vae, data: Path, split: str, rows: list[int]) -> np.ndarray:
+    """The posterior modes of the cines of ``split`` at ``rows``, encoded here: ``(len(rows), C, 50, h, w)``."""
+    from ecgflowcmr.data.datasets import cine_from_uint8
+
+    prepared = Prepared(data)
+    index = prepared.split_indices(split)[rows]
+    x = cine_from_uint8(torch.from_numpy(np.stack([np.asarray(prepared.cine[int(i)]) for i in index]))).unsqueeze(1)
+    with torch.no_grad():
+        return vae.encode(x).mode().numpy()
+
+
+def test_a_resume_with_another_vae_gives_that_vaes_latents(tmp_path):
+    """Rows written by VAE A before an interruption are not kept when VAE B resumes: every row
+    and the template are B's (as a fresh extraction with B would give)."""
+    data = write_fake_prepared(tmp_path / "data", n=6, masks=False)        # 2 train, 2 val, 2 test
+    first, second = _tiny_vae(seed=0), _tiny_vae(seed=1)
+    out = tmp_path / "latents"
+    interrupted_extraction(first, data, out, batch_size=1, fail_at_call=2)  # train row 0 by A
+    assert np.load(out / "train.done.npy").tolist() == [True, False]
+    stale = np.load(out / "train.npy")[0].copy()
+    template = extract_all(second, data, out, torch.device("cpu"), batch_size=2, progress=False)
+    for split in ("train", "val", "test"):
+        np.testing.assert_allclose(np.load(out / f"{split}.npy"), encoded_rows(second, data, split, [0, 1]),
+                                   rtol=1e-4, atol=1e-5)
+    assert np.abs(np.load(out / "train.npy")[0] - stale).max() > 1e-3      # A's row is gone
+    train = np.load(out / "train.npy").astype(np.float64)
+    np.testing.assert_allclose(template["template"].numpy(), train.mean(axis=(0, 2))[:, None], rtol=1e-5, atol=1e-6)
+    assert template["vae_hash"] == second.state_hash()
 
 
 def test_two_process_ddp_keeps_vae_and_discriminator_in_sync(tmp_path, fake_prepared):

@@ -1,14 +1,16 @@
 """R-peaks and cardiac-phase labels (a stable API used by preparation, stage 1 and the checks).
 
 - ``detect_rpeaks(ecg, fs)``: a consensus of several leads and detectors. Each of the first four
-  usable leads (lead II first, then ``LEAD_PREFERENCE``; unusable: NaN/inf, flat, or no detector
+  usable leads (lead II first, then ``LEAD_PREFERENCE``; unusable: NaN/inf, flat, no plausible
+  QRS (``has_plausible_qrs``: nothing but slow drift, as from a loose electrode), or no detector
   finds a plausible rhythm: fewer than 2 peaks, a median heart rate outside 25-250 bpm, or far
   fewer peaks than the median R-R predicts) is cleaned (``nk.ecg_clean``) and run through three
   neurokit2 detectors (``DETECTORS``); a beat is kept when at least half of these (lead, detector)
   runs find it within 50 ms. Each kept beat is then placed on the R apex of lead II (so frame 0
   of a cine is the top of the R wave, where the phantom puts it) or, when lead II is unusable, of
-  the first usable lead, and an ``RPeakWarning`` names that lead. ``return_info=True`` also says
-  which leads and detectors voted (the prepared dataset's ``provenance.csv`` keeps it per record).
+  the first usable lead, and an ``RPeakWarning`` names that lead and why lead II was not used.
+  ``return_info=True`` also says which leads and detectors voted (the prepared dataset's
+  ``provenance.csv`` keeps it per record).
   ``RPeakError`` when no lead gives a plausible rhythm.
 - ``phase_from_rpeaks(rpeaks, length)``: the cardiac phase in [0, 2*pi): 0 at each R-peak, linear
   within each R-R interval; before the first and after the last R-peak the phase continues with
@@ -32,6 +34,14 @@ LEAD_PREFERENCE = ("II", "I", "V5", "V6", "V4", "aVF", "III", "V3", "V2", "aVL",
 MIN_HR_BPM = 25.0
 MAX_HR_BPM = 250.0
 FLAT_STD = 1e-3             # mV: below this a lead carries no signal
+# A QRS puts its steep deflections in 5-25 Hz; drift, wander and breathing put almost nothing there.
+QRS_BAND_HZ = (5.0, 25.0)
+QRS_PERCENTILE = 99.0       # inside the QRS complexes at any rate of 25-250 bpm (they fill > 2 %)
+# Smallest QRS-band amplitudes measured: real leads (examples/ecg, tests/data/mitdb-100) 0.096 mV
+# and 0.26 of the record's median lead; phantom leads 0.020 mV and 0.048; a lead II replaced by a
+# 0.1 mV/s ramp 4e-5 mV (7e-5 of the median). The limits sit well below every ECG lead.
+QRS_MIN_MV = 0.01
+QRS_MIN_FRACTION = 0.02
 # neurokit2 detectors that vote. On the 30-min MIT-BIH record 100 (MLII, 10 s windows at 500 Hz)
 # alone they score F1 0.990 (misses beats in the first 0.5 s: filter start-up), 0.9998 and 0.987
 # (extra peaks): they fail in different places, so a majority fixes each one's errors.
@@ -48,7 +58,7 @@ class RPeakError(ValueError):
 
 
 class RPeakWarning(UserWarning):
-    """R-peaks came from a lead other than II."""
+    """R-peaks were placed on a lead other than II (the message names it and why II was not used)."""
 
 
 def detect_rpeaks(ecg: np.ndarray, fs: float = 500, lead: str = "II", return_info: bool = False):
@@ -89,6 +99,33 @@ def _unusable(signal: np.ndarray) -> str:
     return ""
 
 
+def qrs_amplitude(signal: np.ndarray, fs: float) -> float:
+    """QRS-band amplitude of one lead ``(L,)`` in mV: the ``QRS_PERCENTILE`` (99th) percentile of
+    ``|x|`` after a zero-phase 2nd-order Butterworth band-pass over ``QRS_BAND_HZ`` (5-25 Hz)."""
+    from scipy.signal import butter, sosfiltfilt
+
+    high = min(QRS_BAND_HZ[1], 0.45 * fs)
+    sos = butter(2, [QRS_BAND_HZ[0], high], btype="bandpass", fs=fs, output="sos")
+    if len(signal) <= 3 * (2 * len(sos) + 1):        # shorter than the filter's padding: cannot tell
+        return float("inf")
+    band = sosfiltfilt(sos, np.asarray(signal, dtype=np.float64))
+    return float(np.percentile(np.abs(band), QRS_PERCENTILE))
+
+
+def has_plausible_qrs(amplitude: float, typical: float) -> tuple[bool, str]:
+    """Whether a lead of ``qrs_amplitude`` ``amplitude`` mV can hold QRS complexes; ``typical``: the
+    median ``qrs_amplitude`` of the record's finite, non-flat leads. Plausible means at least
+    ``QRS_MIN_MV`` (0.01 mV, a tenth of the smallest real lead measured) and at least
+    ``QRS_MIN_FRACTION`` (0.02) of ``typical`` (the same test in a record of large complexes).
+    Slow signals hardly reach the band: a 0.1 mV/s ramp gives 4e-5 mV, a 0.3 mV 1 Hz wave 7e-4 mV.
+    Noise does (white noise of 0.05 mV SD: 0.035 mV): this tells drift from ECG, not noise.
+    Returns (ok, the reason when not)."""
+    if amplitude >= QRS_MIN_MV and amplitude >= QRS_MIN_FRACTION * typical:
+        return True, ""
+    return False, (f"no plausible QRS: QRS-band amplitude {amplitude:.2g} mV, {amplitude / max(typical, 1e-12):.2g} "
+                   "of the median lead")
+
+
 def _detector_runs(signal: np.ndarray, fs: float) -> tuple[np.ndarray | None, list[np.ndarray], str]:
     """(cleaned lead, plausible peak series of each detector, reason if none) for one lead."""
     import neurokit2 as nk
@@ -123,9 +160,11 @@ def _consensus(leads: dict, place: str, fs: float) -> tuple[np.ndarray | None, d
     then place each accepted beat on the R apex of ``place`` (or of the first voter)."""
     signals = {name: np.asarray(sig, dtype=np.float64) for name, sig in leads.items()}
     length = len(next(iter(signals.values())))
+    amplitude = {name: qrs_amplitude(sig, fs) for name, sig in signals.items() if not _unusable(sig)}
+    typical = float(np.median(list(amplitude.values()))) if amplitude else 0.0
     unusable, voters, runs, cleaned = [], [], [], {}
     for name, signal in signals.items():
-        reason = _unusable(signal)
+        reason = _unusable(signal) or has_plausible_qrs(amplitude[name], typical)[1]
         if not reason:
             cleaned[name], lead_runs, reason = _detector_runs(signal, fs)
             if lead_runs:
