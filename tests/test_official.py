@@ -108,8 +108,14 @@ def test_infer_flow_runs_on_the_converted_fixture(converted, tmp_path):
         assert cine.shape == (1, 50, size, size)
         assert (cine - reference["outputs"]["sample_cine"][i]).abs().max() <= 1e-4
     assert len(list(out.glob("HR0600*.npy"))) == 5
-    assert evaluation.main(args + ["--real", str(out), "--fake", str(out), "--metrics", "psnr,ssim",
+    real = tmp_path / "official"                      # the official pipeline's cines as the "real" ones
+    real.mkdir()
+    for i, name in enumerate(reference["meta"]["sample_records"]):
+        np.save(real / f"{name}.npy", reference["outputs"]["sample_cine"][i].numpy())
+    assert evaluation.main(args + ["--real", str(real), "--fake", str(out), "--metrics", "psnr,ssim",
                                    "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["psnr"]["value"] > 60
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,3 +320,19 @@ def test_units_check_from_the_command_line(official_files, tmp_path, capsys):
     assert "--check-units" in capsys.readouterr().err
     assert _convert(files, tmp_path / "run", "--ecg-scale", "uV") == 0
     assert load_config(tmp_path / "run" / "config.yaml").ecg.input_scale == 1000
+
+
+def test_dit_without_an_ecg_projection_and_the_masked_stage1_forward():
+    """ecg_dim == hidden: the official DiT has no ecg_proj weights (Identity); the stage-1 model's
+    masked forward gives the PAMAE.forward fields."""
+    from ecgflowcmr.official.dit import OfficialDiT
+    from ecgflowcmr.official.ecg import OfficialPAMAE
+
+    dit = OfficialDiT(latent_channels=4, num_frames=5, latent_size=2, ecg_dim=8, hidden=8, depth=1, heads=2).eval()
+    assert not any(k.startswith("ecg_proj") for k in dit.state_dict())
+    v = dit(torch.randn(2, 4, 5, 2, 2), torch.rand(2), torch.randn(2, 5, 8), None, torch.tensor([False, True]))
+    assert v.shape == (2, 4, 5, 2, 2)
+    out = OfficialPAMAE(out_dim=8, base_filters=4)(torch.randn(2, 12, 5000), mask_ratio=0.5,
+                                                    generator=torch.Generator().manual_seed(0))
+    assert out["recon"].shape == (2, 12, 5000) and out["sincos"].shape == (2, 625, 2)
+    assert out["mask"].shape == (2, 625) and 0.4 < out["mask"].float().mean() < 0.6

@@ -15,6 +15,7 @@ dicts load unchanged, and with the call signatures the generator uses:
     checkpoints.py   reading the official files (training dicts or bare state dicts)
     units.py         which ECG scaling the stage-1 weights expect (reconstruction, R-peaks)
     fakes.py         random-weight checkpoints in the official formats (tests, the fixture)
+    equivalence.py   this project's side of the fixture comparison (tests/data/official/)
 
 Configs select them with ``ecg.arch``, ``vae.arch`` and ``flow.arch`` = ``official``;
 ``python -m ecgflowcmr.convert_official`` writes a run folder from the published files
