@@ -235,13 +235,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official-repo", required=True, help="a local clone of PKUDigitalHealth/ECGFlowCMR")
     parser.add_argument("--out", default=str(ROOT / "tests" / "data" / "official"))
+    parser.add_argument("--official-commit", help="the clone's commit, recorded in the fixture (default: git "
+                                                  "rev-parse HEAD in --official-repo)")
     args = parser.parse_args(argv)
     repo, out = Path(args.official_repo).resolve(), Path(args.out)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     models = build_official(import_official(repo))
     spec = describe_checkpoints(models)
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    commit = commit.stdout.strip()
+    commit = args.official_commit or subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
+                                                    capture_output=True, text=True).stdout.strip()
     spec["official_commit"] = commit or "unknown"
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_official_checkpoints(spec, tmp)
