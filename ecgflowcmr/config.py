@@ -80,13 +80,19 @@ class DataConfig:
 class ECGConfig(TrainLoop):
     """Stage 1, PA-MAE."""
 
-    width: int = 128                # feature width of the encoder (768 in ukb.yaml)
+    arch: str = "project"           # project | official (the published weights' ResNet encoder, ecgflowcmr/official/;
+                                    # written by convert_official: it reads width and base_filters, not depth/heads)
+    width: int = 128                # feature width of the encoder (768 in ukb.yaml and the official weights)
+    base_filters: int = 64          # arch official: channels of the first ResNet stage (8x that at the last)
+    input_scale: float = 1.0        # arch official: the ECG in mV is multiplied by this before the encoder (no
+                                    # normalisation there): 1 mV, 1000 uV, 200 UK Biobank counts at 5 uV/LSB
     depth: int = 4                  # transformer blocks after the conv stem
     heads: int = 4
     decoder_depth: int = 2
     mask_ratio: float = 0.5         # fraction of the 625 encoded positions zeroed
     phase_weight: float = 1.0       # lambda in L_rec + lambda * L_phase
-    cycle_mode: str = "median"      # median | ensemble | window (ablation: fixed centre window, no cycles)
+    cycle_mode: str = "median"      # median | ensemble | window (ablation: fixed centre window, no cycles) |
+                                    # official (arch official: the official mid-beat-to-mid-beat cut)
     num_tokens: int = 50            # aligned tokens per R-R cycle (= cine frames)
     augment: bool = True            # realistic ECG augmentation of the training records (ecg/augment.py:
                                     # noise, wander, lead gain/polarity/loss, heart rate 40-150 bpm)
@@ -101,6 +107,9 @@ class ECGConfig(TrainLoop):
 class VAEConfig(TrainLoop):
     """Stage 2, anisotropic 3D-VAE: 8x spatial, 1x temporal compression."""
 
+    arch: str = "project"           # project | official (the published weights' VAE: base_channels, channel_mult,
+                                    # num_res_blocks, latent_channels, z_channels; the other keys do not apply)
+    z_channels: int = 0             # arch official: encoder output channels before quant_conv (0: latent_channels)
     latent_channels: int = 4
     base_channels: int = 32
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # 4 levels = 8x (3 levels: 2x2 patches + 4x)
@@ -126,6 +135,8 @@ class VAEConfig(TrainLoop):
 class FlowConfig(TrainLoop):
     """Stage 3, Anatomy-Motion Disentangled Flow (DiT over VAE latents)."""
 
+    arch: str = "project"           # project | official (the published weights' DiT: hidden, depth, heads, mlp_ratio;
+                                    # patch_size 1)
     hidden: int = 128               # 512 in ukb.yaml
     depth: int = 4                  # 8 in ukb.yaml
     heads: int = 4                  # 8 in ukb.yaml
@@ -164,7 +175,8 @@ class FlowConfig(TrainLoop):
 class InferConfig:
     """Stage 4, ECG-only generation."""
 
-    sampler: str = "euler"          # euler | heun | midpoint
+    sampler: str = "euler"          # euler | heun | midpoint | euler_mid (Euler steps with the velocity at each
+                                    # step's mid time (i + 0.5) / steps, as the official inference)
     steps: int = 10
     guidance: float = 1.0           # classifier-free guidance scale (1 = conditional only)
     num_samples: int = 1            # variations per ECG
@@ -464,6 +476,9 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+ARCHS = ("project", "official")
+
+
 def _validate(cfg: Config) -> None:
     d, e, v, fl, inf, ev = cfg.data, cfg.ecg, cfg.vae, cfg.flow, cfg.infer, cfg.eval
     _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
@@ -492,10 +507,19 @@ def _validate(cfg: Config) -> None:
         _require(sec.lr > 0, f"{sec_name}.lr", "must be > 0")
         _require(sec.warmup_steps >= 0, f"{sec_name}.warmup_steps", "must be >= 0")
         _require(sec.max_steps >= 0, f"{sec_name}.max_steps", "must be >= 0")
+    for sec_name in ("ecg", "vae", "flow"):
+        _require(getattr(cfg, sec_name).arch in ARCHS, f"{sec_name}.arch",
+                 f"must be one of {', '.join(ARCHS)}, got {getattr(cfg, sec_name).arch!r}")
     _require(0 <= e.mask_ratio < 1, "ecg.mask_ratio", "must be in [0, 1)")
     _require(e.width % e.heads == 0, "ecg.width", f"must be divisible by ecg.heads={e.heads}")
-    _require(e.cycle_mode in ("median", "ensemble", "window"), "ecg.cycle_mode",
-             "must be median, ensemble or window")
+    _require(e.cycle_mode in ("median", "ensemble", "window", "official"), "ecg.cycle_mode",
+             "must be median, ensemble, window or official")
+    _require(e.cycle_mode != "official" or e.arch == "official", "ecg.cycle_mode",
+             "official (the official cycle cut) needs ecg.arch=official")
+    _require(e.base_filters >= 1, "ecg.base_filters", "must be >= 1")
+    _require(e.input_scale > 0, "ecg.input_scale", "must be > 0")
+    _require(e.input_scale == 1 or e.arch == "official", "ecg.input_scale",
+             "applies to ecg.arch=official only (this project's encoder normalises each lead)")
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
     _require(0 <= e.augment_fraction <= 1, "ecg.augment_fraction", "must be in [0, 1]")
@@ -519,9 +543,19 @@ def _validate(cfg: Config) -> None:
              "disc_channels and disc_layers must be >= 1")
     _require(v.kl_weight >= 0 and v.perceptual_weight >= 0 and v.disc_weight >= 0,
              "vae.kl_weight", "loss weights must be >= 0")
+    _require(v.z_channels >= 0, "vae.z_channels", "must be >= 0 (0: vae.latent_channels)")
+    _require(v.z_channels == 0 or v.arch == "official", "vae.z_channels", "applies to vae.arch=official only")
+    if v.arch == "official":
+        _require(len(v.channel_mult) == 4, "vae.channel_mult",
+                 "vae.arch=official needs 4 levels (3 downsamplings = 8x; it has no pixel-unshuffle)")
+        _require(all((v.base_channels * m) % 32 == 0 for m in v.channel_mult), "vae.base_channels",
+                 "vae.arch=official: base_channels x every channel_mult entry must be a multiple of 32 (GroupNorm)")
     _require(fl.patch_size in (1, 2), "flow.patch_size", "must be 1 or 2 (latent is 12 x 12)")
+    _require(fl.patch_size == 1 or fl.arch == "project", "flow.patch_size",
+             "flow.arch=official has one token per latent pixel: use 1")
     _require(fl.hidden % fl.heads == 0, "flow.hidden", f"must be divisible by flow.heads={fl.heads}")
-    _require(fl.hidden % 4 == 0, "flow.hidden", "must be divisible by 4 (2-D sin-cos positional embedding)")
+    _require(fl.hidden % 4 == 0 or fl.arch == "official", "flow.hidden",
+             "must be divisible by 4 (2-D sin-cos positional embedding)")
     _require(fl.depth >= 1 and fl.heads >= 1, "flow.depth", "depth and heads must be >= 1")
     _require(fl.mlp_ratio > 0, "flow.mlp_ratio", "must be > 0")
     _require(fl.ecg_lr > 0, "flow.ecg_lr", "must be > 0")
@@ -543,8 +577,8 @@ def _validate(cfg: Config) -> None:
     _require(0 <= fl.ema_decay < 1, "flow.ema_decay", "must be in [0, 1)")
     _require(fl.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling",
              "must be uniform or logit_normal")
-    _require(inf.sampler in ("euler", "heun", "midpoint"), "infer.sampler",
-             "must be euler, heun or midpoint")
+    _require(inf.sampler in ("euler", "heun", "midpoint", "euler_mid"), "infer.sampler",
+             "must be euler, heun, midpoint or euler_mid")
     _require(inf.steps >= 1, "infer.steps", "must be >= 1")
     _require(inf.guidance >= 0, "infer.guidance", "must be >= 0")
     _require(inf.num_samples >= 1, "infer.num_samples", "must be >= 1")

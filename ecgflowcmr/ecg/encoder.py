@@ -14,6 +14,7 @@
     enc.dim, enc.state_hash()
 
     enc = ECGEncoder.from_config(cfg.ecg)   # untrained, e.g. to load a fine-tuned state dict
+    enc = build_ecg_encoder(cfg.ecg)        # the same for either ecg.arch (project, official)
 
 ``enc.extract_cycle(ecg)`` is the same as ``enc(ecg)``. The cycle rules (median / ensemble / window,
 the fallback) are documented in ``ecgflowcmr.ecg.cycles``.
@@ -74,6 +75,16 @@ class ECGEncoder(ECGBackbone):
     extract_cycle = forward
 
 
+def build_ecg_encoder(ecg_cfg, cycle_mode: str | None = None):
+    """The untrained encoder an ``ECGConfig`` names: this project's (``ecg.arch=project``) or the
+    published weights' (``official``, ``ecgflowcmr.official.ecg``); both give ``CycleOutput``s."""
+    if getattr(ecg_cfg, "arch", "project") == "official":
+        from ..official.ecg import OfficialECGEncoder
+
+        return OfficialECGEncoder.from_config(ecg_cfg, cycle_mode)
+    return ECGEncoder.from_config(ecg_cfg, cycle_mode)
+
+
 def encoder_state_from_pamae(model_state: dict) -> dict:
     """``PAMAE`` state dict -> the ``ECGEncoder`` state dict (keys under ``encoder.``)."""
     return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
@@ -93,7 +104,7 @@ def load_ecg_encoder(path: str | os.PathLike, device: str | torch.device = "cpu"
     """Rebuild the encoder from a stage-1 checkpoint (``runs/<exp>/ecg/best.pt``), in eval mode.
     ``cycle_mode`` overrides the one the checkpoint's config names."""
     ckpt = load_checkpoint(path, map_location="cpu", stage_hint="train_ecg.py")
-    encoder = ECGEncoder.from_config(_ecg_config(ckpt, path), cycle_mode)
+    encoder = build_ecg_encoder(_ecg_config(ckpt, path), cycle_mode)
     encoder.load_state_dict(encoder_state_from_pamae(ckpt["model"]))
     return encoder.to(device).eval()
 
@@ -105,6 +116,8 @@ def load_pamae(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
     ckpt = load_checkpoint(path, map_location="cpu", stage_hint="train_ecg.py")
     ecg_cfg = _ecg_config(ckpt, path)
+    if ecg_cfg.arch == "official":
+        from ..official.ecg import OfficialPAMAE as PAMAE
     model = PAMAE.from_config(ecg_cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ecg_cfg

@@ -276,6 +276,7 @@ class PAMAE(nn.Module):
 
     @classmethod
     def from_config(cls, ecg_cfg) -> "PAMAE":
+        _refuse_official(ecg_cfg)
         return cls(ecg_cfg.width, ecg_cfg.depth, ecg_cfg.heads, ecg_cfg.decoder_depth, ecg_cfg.mask_ratio)
 
     def forward(self, ecg: torch.Tensor, mask_ratio: float | None = None,
@@ -294,6 +295,15 @@ class PAMAE(nn.Module):
         masked_feats, clean_feats = feats[:b], feats[b:]
         return {"recon": self.decoder(masked_feats), "target": enc.normalizer(ecg if target is None else target),
                 "sincos": enc.phase_sincos(clean_feats), "mask": mask}
+
+
+def _refuse_official(ecg_cfg) -> None:
+    """Training builds this project's PA-MAE; the official encoder only loads converted weights."""
+    if getattr(ecg_cfg, "arch", "project") != "project":
+        from ..config import ConfigError
+
+        raise ConfigError("config key 'ecg.arch': train_ecg.py trains this project's PA-MAE (arch project); "
+                          "ecg.arch=official is for the published weights (python -m ecgflowcmr.convert_official)")
 
 
 def pamae_losses(out: dict, phase_label: torch.Tensor, phase_weight: float) -> dict:

@@ -308,6 +308,11 @@ def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, e
     c, t, h, w = latent_shape
     if h != w:
         raise ValueError(f"latent frames must be square, got {h} x {w}")
+    if getattr(flow_cfg, "arch", "project") != "project":
+        from ..config import ConfigError
+
+        raise ConfigError("config key 'flow.arch': train_flow.py trains this project's DiT (arch project); "
+                          "flow.arch=official is for the published weights (python -m ecgflowcmr.convert_official)")
     dit = FlowDiT(latent_channels=c, num_frames=t, latent_size=h, ecg_dim=ecg_dim, ecg_tokens=ecg_tokens,
                   hidden=flow_cfg.hidden, depth=flow_cfg.depth, heads=flow_cfg.heads,
                   patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio)
@@ -315,6 +320,11 @@ def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, e
     return dit
 
 
-def dit_from_arch(arch: dict) -> FlowDiT:
-    """Rebuild from the ``arch`` dict stored in a flow checkpoint."""
+def dit_from_arch(arch: dict) -> nn.Module:
+    """Rebuild from the ``arch`` dict stored in a flow checkpoint (``arch["arch"] == "official"``:
+    the published weights' DiT, ``ecgflowcmr.official.dit``)."""
+    if arch.get("arch", "project") == "official":
+        from ..official.dit import OfficialDiT
+
+        return OfficialDiT.from_arch(arch)
     return FlowDiT(**arch)

@@ -80,9 +80,9 @@ def load_stage1_encoder(path: str | os.PathLike, device: torch.device, cycle_mod
 def encoder_from_spec(spec: dict, device: torch.device) -> nn.Module:
     """Rebuild the encoder a flow checkpoint embeds (config + weights)."""
     from ..config import section_from_dict
-    from ..ecg.encoder import ECGEncoder
+    from ..ecg.encoder import build_ecg_encoder
 
-    encoder = ECGEncoder.from_config(section_from_dict("ecg", spec["config"]))
+    encoder = build_ecg_encoder(section_from_dict("ecg", spec["config"]))
     encoder.load_state_dict(spec["state_dict"])
     return encoder.to(device).eval()
 
@@ -100,9 +100,9 @@ def load_stage2_vae(path: str | os.PathLike, device: torch.device):
 
 def vae_from_spec(spec: dict, device: torch.device) -> nn.Module:
     """Rebuild the VAE a flow checkpoint embeds."""
-    from ..vae import VAE3D
+    from ..vae import build_vae
 
-    vae = VAE3D.from_config(spec["config"])
+    vae = build_vae(spec["config"])
     vae.load_state_dict(spec["state_dict"])
     return vae.to(device).eval()
 

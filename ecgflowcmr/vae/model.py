@@ -321,6 +321,11 @@ class VAE3D(nn.Module):
             vae_cfg = dataclasses.asdict(vae_cfg)
         if not isinstance(vae_cfg, Mapping):
             raise TypeError(f"expected a VAEConfig or a dict, got {type(vae_cfg).__name__}")
+        if vae_cfg.get("arch", "project") != "project":
+            from ..config import ConfigError
+
+            raise ConfigError("config key 'vae.arch': VAE3D is this project's VAE (arch project); "
+                              "build_vae builds the official one for the published weights")
         kwargs = {k: vae_cfg[k] for k in ARCH_KEYS if k in vae_cfg}
         return cls(**kwargs)
 
@@ -353,7 +358,18 @@ class VAE3D(nn.Module):
         return state_hash(self.state_dict())
 
 
-def load_vae(path, device: str | torch.device = "cpu") -> VAE3D:
+def build_vae(vae_cfg: Any) -> nn.Module:
+    """The untrained VAE a ``VAEConfig`` (or checkpoint ``config["vae"]`` dict) names: ``VAE3D``
+    (``vae.arch=project``) or the published weights' ``OfficialVAE3D`` (``official``)."""
+    arch = vae_cfg.get("arch", "project") if isinstance(vae_cfg, Mapping) else getattr(vae_cfg, "arch", "project")
+    if arch == "official":
+        from ..official.vae import OfficialVAE3D
+
+        return OfficialVAE3D.from_config(vae_cfg)
+    return VAE3D.from_config(vae_cfg)
+
+
+def load_vae(path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a VAE from a stage-2 checkpoint (``runs/<exp>/vae/best.pt``), in eval mode."""
     from ..utils.checkpoint import load_checkpoint
 
@@ -363,6 +379,6 @@ def load_vae(path, device: str | torch.device = "cpu") -> VAE3D:
     except (KeyError, TypeError):
         raise ValueError(f"checkpoint '{path}' has no config['vae'] section: not a stage-2 VAE "
                          "checkpoint") from None
-    vae = VAE3D.from_config(vae_cfg)
+    vae = build_vae(vae_cfg)
     vae.load_state_dict(ckpt["model"])
     return vae.to(device).eval()
