@@ -35,10 +35,10 @@ from .official.checkpoints import (
     read_stage3,
     read_template,
 )
-from .official.dit import OfficialDiT
-from .official.ecg import CYCLE_MODES, OfficialECGEncoder, OfficialPAMAE
+from .flow.official import OfficialDiT
+from .ecg.official import CYCLE_MODES, OfficialECGEncoder, OfficialPAMAE
 from .official.units import SCALINGS, check_units, format_table, parse_scale, recommend
-from .official.vae import OfficialVAE3D
+from .vae.official import OfficialVAE3D
 from .utils.checkpoint import atomic_save, file_hash
 
 # The published sizes: the official scripts' argparse defaults and config/disentangle_vae3d.yaml.

@@ -16,9 +16,9 @@ LAYERS = (
     ("ecg",),                                              # stage 1
     ("vae",),                                              # stage 2
     ("flow",),                                             # stage 3 and generation
-    ("downstream",),                                       # synthetic pretraining
+    ("downstream", "official"),                            # synthetic pretraining; the published files
     ("prepare_data", "train_ecg", "train_disentangle_vae3d", "train_flow", "infer_flow", "evaluation",
-     "gpu_plan"),                                          # entry points and planners
+     "convert_official", "gpu_plan"),                      # entry points, converter and planners
 )
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

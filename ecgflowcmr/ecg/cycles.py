@@ -283,3 +283,15 @@ def roi_align(features: torch.Tensor, selection: CycleSelection, stride: float) 
     matrix = interpolation_matrix(selection.times.to(features.device), selection.weights.to(features.device),
                                   features.shape[1], stride)
     return torch.bmm(matrix.to(features.dtype), features)
+
+
+@dataclass
+class CycleOutput:
+    """What an ECG encoder returns: the cycle's tokens and where the cycle lies in the record."""
+    tokens: torch.Tensor      # (B, T, D)
+    pooled: torch.Tensor      # (B, D)
+    phase: torch.Tensor       # (B, L) in [0, 2pi)
+    start: torch.Tensor       # (B,) int64
+    end: torch.Tensor         # (B,) int64
+    fallback: torch.Tensor    # (B,) bool
+    wraps: Wraps | None = None  # detected R-peaks (phase modes only), for metrics and plots

@@ -22,25 +22,12 @@ the fallback) are documented in ``ecgflowcmr.ecg.cycles``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
 import torch
 
 from ..contract import ECG_FS as FS
 from ..utils.checkpoint import load_checkpoint, state_hash
-from .cycles import MODES, Wraps, roi_align, select_cycles
+from .cycles import MODES, CycleOutput, roi_align, select_cycles
 from .pamae import ECGBackbone, check_ecg, sincos_to_phase
-
-
-@dataclass
-class CycleOutput:
-    tokens: torch.Tensor      # (B, T, D)
-    pooled: torch.Tensor      # (B, D)
-    phase: torch.Tensor       # (B, L) in [0, 2pi)
-    start: torch.Tensor       # (B,) int64
-    end: torch.Tensor         # (B,) int64
-    fallback: torch.Tensor    # (B,) bool
-    wraps: Wraps | None = None  # detected R-peaks (phase modes only), for metrics and plots
 
 
 class ECGEncoder(ECGBackbone):
@@ -77,9 +64,9 @@ class ECGEncoder(ECGBackbone):
 
 def build_ecg_encoder(ecg_cfg, cycle_mode: str | None = None):
     """The untrained encoder an ``ECGConfig`` names: this project's (``ecg.arch=project``) or the
-    published weights' (``official``, ``ecgflowcmr.official.ecg``); both give ``CycleOutput``s."""
+    published weights' (``official``, ``ecgflowcmr.ecg.official``); both give ``CycleOutput``s."""
     if getattr(ecg_cfg, "arch", "project") == "official":
-        from ..official.ecg import OfficialECGEncoder
+        from .official import OfficialECGEncoder
 
         return OfficialECGEncoder.from_config(ecg_cfg, cycle_mode)
     return ECGEncoder.from_config(ecg_cfg, cycle_mode)
@@ -117,7 +104,7 @@ def load_pamae(path: str | os.PathLike, device: str | torch.device = "cpu"):
     ckpt = load_checkpoint(path, map_location="cpu", stage_hint="train_ecg.py")
     ecg_cfg = _ecg_config(ckpt, path)
     if ecg_cfg.arch == "official":
-        from ..official.ecg import OfficialPAMAE as PAMAE
+        from .official import OfficialPAMAE as PAMAE
     model = PAMAE.from_config(ecg_cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ecg_cfg

@@ -322,9 +322,9 @@ def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, e
 
 def dit_from_arch(arch: dict) -> nn.Module:
     """Rebuild from the ``arch`` dict stored in a flow checkpoint (``arch["arch"] == "official"``:
-    the published weights' DiT, ``ecgflowcmr.official.dit``)."""
+    the published weights' DiT, ``ecgflowcmr.flow.official``)."""
     if arch.get("arch", "project") == "official":
-        from ..official.dit import OfficialDiT
+        from .official import OfficialDiT
 
         return OfficialDiT.from_arch(arch)
     return FlowDiT(**arch)

@@ -62,7 +62,7 @@ def project_outputs(run_dir: str | Path, reference: dict, sampler: str = "euler_
     from ..ecg.encoder import load_pamae
     from ..flow.generator import ECGToCine
     from ..vae import load_vae
-    from .ecg import official_cut
+    from ..ecg.official import official_cut
 
     run_dir = Path(run_dir)
     x, meta = reference["inputs"], reference["meta"]

@@ -9,7 +9,7 @@ check feeds the user's ECGs (read in mV) at each plausible scaling and reports, 
 * ``rec_error``: the decoder's reconstruction MSE divided by the per-lead variance of the input
   (1 = no better than a flat line at each lead's mean; the training scale gives the lowest);
 * ``sensitivity`` / ``ppv`` / ``offset_ms``: whether the predicted phase wraps (0 at R-peaks in
-  the official labels) land on the R-peaks found by ``ecg.phase.detect_rpeaks`` (+-50 ms, the
+  the official labels) land on the R-peaks found by ``data.phase.detect_rpeaks`` (+-50 ms, the
   median distance of the matches).
 
 Scalings: ``mV`` (x 1), ``uV`` (x 1000), ``adc`` (x 200: UK Biobank's XML counts at 5 uV/LSB).
@@ -24,7 +24,7 @@ import torch
 from ..contract import ECG_FS as FS
 from ..ecg.cycles import find_wraps
 from ..ecg.metrics import TOLERANCE_S, match_peaks
-from .ecg import OfficialPAMAE, phase_on_samples
+from ..ecg.official import OfficialPAMAE, phase_on_samples
 
 SCALINGS = {"mV": 1.0, "uV": 1000.0, "adc": 200.0}
 
@@ -44,7 +44,7 @@ def parse_scale(text: str) -> float:
 
 def reference_rpeaks(ecgs: np.ndarray) -> list[np.ndarray | None]:
     """R-peaks of each record (``detect_rpeaks``), None where no plausible rhythm is found."""
-    from ..ecg.phase import RPeakError, detect_rpeaks
+    from ..data.phase import RPeakError, detect_rpeaks
 
     peaks = []
     for ecg in ecgs:

@@ -28,3 +28,11 @@ def autocast(device: torch.device, enabled: bool = True):
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def fp16_autocast(device_type: str):
+    """The official networks trained under fp16 autocast: where the caller enabled CUDA autocast
+    (this project's is bf16), run them in fp16 as they were trained; otherwise change nothing."""
+    if device_type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()

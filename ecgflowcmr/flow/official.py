@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.attention import sdpa
-from . import fp16_autocast
+from ..utils.device import fp16_autocast
 
 
 class TimestepEmbedder(nn.Module):

@@ -41,11 +41,10 @@ from torch import nn
 
 from ..contract import ECG_FS as FS
 from ..contract import NUM_LEADS
-from ..ecg.cycles import MODES, roi_align, select_cycles
-from ..ecg.encoder import CycleOutput
-from ..ecg.pamae import check_ecg
 from ..utils.checkpoint import state_hash
-from . import fp16_autocast
+from ..utils.device import fp16_autocast
+from .cycles import MODES, CycleOutput, roi_align, select_cycles
+from .pamae import check_ecg
 
 STRIDE = 8                       # samples per feature position
 PHASE_HIDDEN = 256               # hidden width of the phase head (fixed in the official code)

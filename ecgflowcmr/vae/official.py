@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.checkpoint import state_hash
-from ..vae.model import DiagonalGaussian
-from . import fp16_autocast
+from .posterior import DiagonalGaussian
+from ..utils.device import fp16_autocast
 
 GROUPS = 32
 ATTN_HEADS = 8
