@@ -142,7 +142,7 @@ def test_no_plausible_rhythm_is_an_error():
 
 def test_a_beat_found_by_exactly_half_of_the_runs_is_kept():
     """The vote counts runs per 50 ms group: half of them suffice, one less does not."""
-    from ecgflowcmr.ecg.phase import _vote
+    from ecgflowcmr.data.phase import _vote
 
     runs = [np.array([100, 1000, 2000, 3000]),
             np.array([104, 1000, 2002]),
