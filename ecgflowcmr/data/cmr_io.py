@@ -5,6 +5,9 @@ Input layouts (no reorientation: array axis 0 is taken as image rows, axis 1 as 
 - NIfTI (``.nii``, ``.nii.gz``, via nibabel): ``(H, W, 1, T)`` (UK Biobank long-axis export),
   ``(H, W, T)``, or ``(H, W, T, 1)``.
 - ``.npy``: ``(T, H, W)`` (or ``(1, T, H, W)``).
+- ``.cine.json``: a cine index of a UK Biobank DICOM zip, written by the bulk scan
+  (``ukb_bulk.py``, ``data.ukb_bulk``): frames in trigger-time order, in the UK Biobank NIfTI layout,
+  pixel size from ``PixelSpacing``.
 
 The frames are assumed to cover one R-R cycle, frame 0 at the R-peak, as UK Biobank's
 retrospectively gated cines do. Processing, in order:
@@ -21,7 +24,8 @@ retrospectively gated cines do. Processing, in order:
    side is ``CROP_FRACTION`` (0.75) of the shorter image side: a fixed fraction of the field of
    view, so that a large heart still looks large after cropping, not zoomed to a standard size.
    With ``crop_mm`` > 0 (``data.crop_mm``) the side is that many millimetres instead, from the
-   NIfTI header's pixel size: cines of any field of view then reach the model at one physical scale
+   NIfTI header's pixel size (a DICOM cine index: ``PixelSpacing``): cines of any field of view then
+   reach the model at one physical scale
    (``.npy`` files carry no pixel size and are refused with it).
    It is enlarged only when the moving region (its 1st-99th weighted percentile extent) would
    not fit, never beyond the image, and shifted to lie inside the image. A cine without motion
@@ -119,6 +123,10 @@ def load_frames(path: str | Path) -> np.ndarray:
         if data.ndim != 3:
             raise CMRReadError(f"{path}: wrong dimensions {data.shape}: a .npy cine is (T, H, W)")
         frames = data
+    elif name.endswith(".cine.json"):
+        from .ukb_bulk import load_cine     # a UK Biobank DICOM cine, selected by the bulk scan
+
+        frames = load_cine(path)
     elif name.endswith(".nii") or name.endswith(".nii.gz"):
         import nibabel as nib
 
@@ -135,7 +143,8 @@ def load_frames(path: str | Path) -> np.ndarray:
                                f"(H, W, T) (one slice over time)")
         frames = np.moveaxis(data, -1, 0)
     else:
-        raise CMRReadError(f"{path}: unsupported cine format (use .nii, .nii.gz or .npy)")
+        raise CMRReadError(f"{path}: unsupported cine format (use .nii, .nii.gz, .npy, or a UK Biobank zip through "
+                           f"data.ukb_bulk)")
     if not np.issubdtype(frames.dtype, np.number) or np.iscomplexobj(frames):
         raise CMRReadError(f"{path}: dtype {frames.dtype} is not a real number type")
     t, h, w = frames.shape
@@ -163,11 +172,16 @@ def nearest_frame_indices(t: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
 
 
 def pixel_spacing_mm(path: str | Path) -> float:
-    """In-plane pixel size (mm) of a NIfTI cine (the mean of its two in-plane spacings)."""
+    """In-plane pixel size (mm) of a NIfTI cine or a DICOM cine index (the mean of its two in-plane
+    spacings)."""
     path = Path(path)
+    if path.name.lower().endswith(".cine.json"):
+        from .ukb_bulk import index_pixel_mm
+
+        return index_pixel_mm(path)
     if not (path.name.lower().endswith(".nii") or path.name.lower().endswith(".nii.gz")):
         raise CMRReadError(f"{path}: a crop in mm (data.crop_mm) needs the pixel size, which only NIfTI "
-                           f"files carry; set data.crop_mm=0 for this file type")
+                           f"files and DICOM cine indexes carry; set data.crop_mm=0 for this file type")
     import nibabel as nib
 
     zooms = nib.load(str(path)).header.get_zooms()
