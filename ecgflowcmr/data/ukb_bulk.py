@@ -631,7 +631,11 @@ def consensus_axes(axes: list[tuple[np.ndarray, np.ndarray]], iterations: int = 
         if np.allclose(new0, ref0, atol=1e-9) and np.allclose(new1, ref1, atol=1e-9):
             break
         ref0, ref1 = new0, new1
-    return ref0, ref1
+    # The mean fixes the axes only up to a flip / quarter turn (the seed's): take the version of
+    # them under which most cines stay as stored, so that the majority is never turned.
+    versions = [_apply_axes(ops, ref0, ref1) for ops, _ in _CANDIDATES]
+    stays = [sum(_snap(d0, d1, *v)[1] == "as-stored" for d0, d1 in axes) for v in versions]
+    return versions[int(np.argmax(stays))]
 
 
 def _pick_repeat(groups: list[dict]) -> dict:
