@@ -82,7 +82,7 @@ FOUR_CHAMBER = "CINE_segmented_LAX_4Ch"
 MIXED_LAX = "CINE_segmented_LAX"
 INDEX_SUFFIX = ".cine.json"
 INDEX_FORMAT = "ecgflowcmr-ukb-cine-1"
-SCAN_VERSION = 1                    # bump when what the header scan records changes
+SCAN_VERSION = 2                    # bump when what the header scan records changes
 MISSING_FRAME_POLICIES = ("reject", "fill")
 MAX_FILLED_FRACTION = 0.1           # "fill" refuses a cine with more missing frames than this share
 MIXED_VIEW_MAX_DEG = 25.0           # a mixed-series view within this of the reference 4Ch plane is 4Ch
@@ -92,6 +92,7 @@ _MANIFEST_NAMES = ("manifest.csv", "manifest.cvs")
 _DATE_WITH_COMMA = re.compile(r"\b([A-Z][a-z]{2}) (\d{1,2}), (\d{4})")
 _DESCRIPTION_COLUMNS = ("series discription", "series description", "seriesdescription")
 _NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
+_RAW_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}   # pixel bytes stored as they are (not deflated)
 _PIP_NAMES = {"gdcm": "python-gdcm", "pylibjpeg": "pylibjpeg", "pylibjpeg-libjpeg": "pylibjpeg-libjpeg",
               "pylibjpeg-openjpeg": "pylibjpeg-openjpeg", "pylibjpeg-rle": "pylibjpeg-rle",
               "pyjpegls": "pyjpegls", "pillow": "pillow", "numpy": "numpy"}
@@ -394,41 +395,75 @@ def _view_files(zf, names: list[str], series: dict | None, warnings: list[str]) 
 
 _HEADER_TAGS = ("SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "SeriesTime", "InstanceNumber",
                 "TriggerTime", "CardiacNumberOfImages", "Rows", "Columns", "PixelSpacing", "ImageOrientationPatient",
-                "ImagePositionPatient", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation",
-                "NumberOfFrames")
+                "ImagePositionPatient", "SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                "PhotometricInterpretation", "NumberOfFrames")
+_INT_TAGS = {"SeriesNumber", "InstanceNumber", "CardiacNumberOfImages", "Rows", "Columns", "SamplesPerPixel",
+             "BitsAllocated", "BitsStored", "PixelRepresentation", "NumberOfFrames"}
+_VECTOR_TAGS = {"PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"}
+HEADER_BYTES = 1 << 14      # a DICOM header is read from the first 16 KiB of its file, the whole file when longer
+PIXEL_DATA = 0x7FE00010
 
 
 def _read_header(zf: zipfile.ZipFile, name: str, full: bool = True) -> dict:
-    """The header fields the selection needs, from one member (pydicom, pixels not read)."""
+    """The header fields the selection needs, from one member, parsed by pydicom without its
+    pixels; ``pixel_offset``: where pydicom found the pixel values in the member (so that
+    ``load_cine`` views them without parsing the file again), ``crc``: the member's CRC-32."""
+    import pydicom
+    from pydicom import config
+
+    try:
+        info = zf.getinfo(name)
+        with zf.open(info) as fh:
+            head = fh.read(HEADER_BYTES)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as err:
+        raise _Refusal("corrupt_zip", f"corrupt zip: {name} unreadable ({type(err).__name__}: {err})") from None
+    mode = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE   # values are converted below; no regex checks
+    try:
+        ds = _parse(head, name)
+        if PIXEL_DATA not in ds and info.file_size > len(head):   # a header longer than HEADER_BYTES
+            ds = _parse(zf.read(name), name)
+        if not full:
+            return {"description": str(ds.get("SeriesDescription", ""))}
+        meta = getattr(ds, "file_meta", None)
+        syntax = str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
+        h = {"name": name, "syntax": syntax, "crc": info.CRC, "size": info.file_size, "pixel_offset": None}
+        for tag in _HEADER_TAGS:
+            value = ds.get(tag)
+            if value is None or value == "":
+                h[tag] = None
+            elif tag in _VECTOR_TAGS:
+                h[tag] = [float(v) for v in value]
+            elif tag == "TriggerTime":
+                h[tag] = float(value)
+            elif tag in _INT_TAGS:
+                h[tag] = int(value)
+            else:
+                h[tag] = str(value)
+        if PIXEL_DATA in ds:
+            try:
+                raw = ds.get_item(PIXEL_DATA, keep_deferred=True)   # pydicom >= 3: not read, only located
+            except TypeError:
+                raw = None
+            offset = getattr(raw, "value_tell", None)
+            if offset is not None and getattr(raw, "value", None) is None:
+                h["pixel_offset"] = int(offset)
+        return h
+    except (ValueError, TypeError) as err:
+        raise _Refusal("bad_dicom", f"{name}: unusable DICOM header ({type(err).__name__}: {err})") from None
+    finally:
+        config.settings.reading_validation_mode = mode
+
+
+def _parse(data: bytes, name: str):
+    """pydicom's dataset of (the start of) a member; elements over 1 KiB (the pixels, vendor blobs)
+    are located, not read."""
     import pydicom
 
     try:
-        data = zf.read(name)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        raise _Refusal("corrupt_zip", f"corrupt zip: {name} unreadable ({type(err).__name__}: {err})") from None
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        return pydicom.dcmread(io.BytesIO(data), defer_size=1024)
     except Exception as err:
         raise _Refusal("bad_dicom", f"{name}: not a readable DICOM file ({type(err).__name__}: {err})") from None
-    if not full:
-        return {"description": str(getattr(ds, "SeriesDescription", ""))}
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(getattr(meta, "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
-    h = {"name": name, "syntax": syntax}
-    for tag in _HEADER_TAGS:
-        value = getattr(ds, tag, None)
-        if value is None or value == "":
-            h[tag] = None
-        elif tag in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"):
-            h[tag] = [float(v) for v in value]
-        elif tag in ("TriggerTime",):
-            h[tag] = float(value)
-        elif tag in ("SeriesNumber", "InstanceNumber", "CardiacNumberOfImages", "Rows", "Columns",
-                     "SamplesPerPixel", "BitsAllocated", "NumberOfFrames"):
-            h[tag] = int(value)
-        else:
-            h[tag] = str(value)
-    return h
 
 
 def _group(headers: list[dict], view_from: str) -> list[dict]:
@@ -502,6 +537,16 @@ def _check_group(members: list[dict], file_position: dict) -> dict:
         missing = decoder_missing(syntax)
         if missing:
             return refuse("no_decoder", missing)
+    g["crcs"] = [m["crc"] for m in members]
+    # the pixel values viewed in place (load_cine) when every frame is stored alike, uncompressed
+    layouts = {(m["syntax"], m["BitsAllocated"], m["BitsStored"], m["PixelRepresentation"] or 0) for m in members}
+    g["offsets"] = [m["pixel_offset"] for m in members]
+    g["pixels"] = None
+    if len(layouts) == 1:
+        syntax, allocated, stored, signed = layouts.pop()
+        if syntax in _RAW_SYNTAXES and allocated in (8, 16) and None not in g["offsets"] and all(
+                m["size"] >= m["pixel_offset"] + g["rows"] * g["columns"] * allocated // 8 for m in members):
+            g["pixels"] = {"bits": allocated, "stored": stored or allocated, "signed": signed}
     times = np.asarray(g["trigger_ms"])
     if len(times) > 1 and np.any(np.diff(times) <= 0):
         t = float(times[1:][np.diff(times) <= 0][0])
@@ -738,8 +783,10 @@ def _index(rec: dict, g: dict, ref) -> dict:
     d0, d1 = _axes(g)
     ops, label, a0, a1 = _snap(d0, d1, *ref) if ref is not None else ((), "as-stored", d0, d1)
     members: list[str | None] = [None] * g["expected"]
-    for slot, name in zip(g["slots"], g["members"]):
-        members[slot] = name
+    offsets: list[int | None] = [None] * g["expected"]
+    crcs: list[int | None] = [None] * g["expected"]
+    for slot, name, offset, crc in zip(g["slots"], g["members"], g["offsets"], g["crcs"]):
+        members[slot], offsets[slot], crcs[slot] = name, offset, crc
     # PixelSpacing = [between rows, between columns]; layout axis 0 runs along a row (column steps)
     spacing = [float(g["pixel_spacing"][1]), float(g["pixel_spacing"][0])]
     if "transpose" in ops:
@@ -752,7 +799,8 @@ def _index(rec: dict, g: dict, ref) -> dict:
     if g["missing"]:
         rec["warnings"].append(f"frame(s) {', '.join(map(str, g['missing']))} missing: filled by interpolation")
     rec["warnings"].extend(g["warnings"])
-    return {"format": INDEX_FORMAT, "zip": rec["zip"], "members": members, "ops": ["transpose", *ops],
+    return {"format": INDEX_FORMAT, "zip": rec["zip"], "members": members, "crcs": crcs,
+            "pixels": dict(g["pixels"], offsets=offsets) if g["pixels"] else None, "ops": ["transpose", *ops],
             "orientation": label, "rows": g["rows"], "columns": g["columns"],
             "pixel_mm": [round(s, 6) for s in spacing], "frame_ms": round(g["frame_ms"], 4),
             "series_uid": g["series_uid"], "series_description": g["description"],
@@ -823,12 +871,10 @@ def index_pixel_mm(path: str | Path) -> float:
 def load_cine(path: str | Path) -> np.ndarray:
     """A cine index -> float32 ``(T, H, W)`` frames in the reference layout (module doc), missing
     frames filled by periodic linear interpolation. Raises ``CMRReadError`` naming the zip."""
-    import pydicom
-
     path = Path(path)
     index = read_index(path)
     zip_path = index["zip"]
-    members = index["members"]
+    members, crcs, pixels = index["members"], index["crcs"], index["pixels"]
     rows, cols = int(index["rows"]), int(index["columns"])
     frames = np.empty((len(members), rows, cols), dtype=np.float32)
     present = [i for i, m in enumerate(members) if m is not None]
@@ -840,25 +886,52 @@ def load_cine(path: str | Path) -> np.ndarray:
         for i in present:
             name = members[i]
             try:
-                ds = pydicom.dcmread(io.BytesIO(zf.read(name)))
-                pixels = _pixels(ds)
+                if zf.getinfo(name).CRC != crcs[i]:
+                    raise KeyError(name)
+                data = zf.read(name)        # zipfile checks the bytes against the CRC the scan saw
+                if pixels is not None:
+                    frames[i] = _view_pixels(data, pixels["offsets"][i], rows, cols, pixels)
+                else:
+                    frames[i] = _decode(data, rows, cols)
             except KeyError:
-                raise CMRReadError(f"{zip_path}: {name} is gone (the zip changed since the scan; delete its "
-                                   f"cine index '{path}' and re-run)") from None
-            except CMRReadError:
-                raise
+                raise CMRReadError(f"{zip_path}: {name} is gone or changed since the scan (delete "
+                                   f"'{path}' and re-run prepare_data.py)") from None
+            except CMRReadError as err:
+                raise CMRReadError(f"{zip_path}: {name}: {err}") from None
             except Exception as err:
                 raise CMRReadError(f"{zip_path}: {name}: pixel data unreadable ({type(err).__name__}: {err})") from None
-            if pixels.shape != (rows, cols):
-                raise CMRReadError(f"{zip_path}: {name} is {pixels.shape[0]} x {pixels.shape[1]}, the scan found "
-                                   f"{rows} x {cols}")
-            frames[i] = pixels
     missing = [i for i, m in enumerate(members) if m is None]
     if missing:
         _fill(frames, present, missing)
     for op in index["ops"]:
         frames = frames.swapaxes(1, 2) if op == "transpose" else frames[:, ::-1] if op == "flip0" else frames[:, :, ::-1]
     return np.ascontiguousarray(frames)
+
+
+def _view_pixels(data: bytes, offset: int, rows: int, cols: int, layout: dict) -> np.ndarray:
+    """Uncompressed pixel values ``(rows, cols)`` at the offset pydicom located in the header scan:
+    no second parse (pydicom's parse and decoder cost ~1 ms a frame, most of the reading time)."""
+    dtype = np.dtype(("i" if layout["signed"] else "u") + str(layout["bits"] // 8)).newbyteorder("<")
+    values = np.frombuffer(data, dtype=dtype, count=rows * cols, offset=offset).reshape(rows, cols)
+    return _stored_bits(values, layout["bits"], layout["stored"], layout["signed"])
+
+
+def _stored_bits(values: np.ndarray, allocated: int, stored: int, signed: int) -> np.ndarray:
+    """Only the ``BitsStored`` low bits: the ones above may hold overlays (as pydicom does)."""
+    if stored >= allocated:
+        return values
+    shift = allocated - stored
+    return (values << shift) >> shift if signed else values & ((1 << stored) - 1)
+
+
+def _decode(data: bytes, rows: int, cols: int) -> np.ndarray:
+    """One frame through pydicom (compressed or unusual pixel data)."""
+    import pydicom
+
+    pixels = _pixels(pydicom.dcmread(io.BytesIO(data)))
+    if pixels.shape != (rows, cols):
+        raise CMRReadError(f"{pixels.shape[0]} x {pixels.shape[1]} pixels, the scan found {rows} x {cols}")
+    return pixels
 
 
 def _fill(frames: np.ndarray, present: list[int], missing: list[int]) -> None:
@@ -876,9 +949,8 @@ def _fill(frames: np.ndarray, present: list[int], missing: list[int]) -> None:
 
 
 def _pixels(ds) -> np.ndarray:
-    """One frame's stored values ``(Rows, Columns)``. Uncompressed little-endian data is viewed
-    straight from ``PixelData`` (pydicom's decoder machinery costs ~2 ms a frame, most of a
-    participant's reading time); anything else goes through ``ds.pixel_array``."""
+    """One frame's stored values ``(Rows, Columns)`` from a pydicom dataset: uncompressed
+    little-endian data viewed from ``PixelData``, anything else through ``ds.pixel_array``."""
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "1.2.840.10008.1.2")
     bits, signed = int(ds.BitsAllocated), int(getattr(ds, "PixelRepresentation", 0) or 0)
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -888,9 +960,5 @@ def _pixels(ds) -> np.ndarray:
         if len(raw) < rows * cols * dtype.itemsize:
             raise CMRReadError(f"pixel data truncated ({len(raw)} bytes for {rows} x {cols} x {bits} bits)")
         values = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
-        stored = int(getattr(ds, "BitsStored", bits) or bits)
-        if stored < bits:              # bits above BitsStored may hold overlays: keep the stored ones only
-            shift = bits - stored
-            values = (values << shift) >> shift if signed else values & ((1 << stored) - 1)
-        return values
+        return _stored_bits(values, bits, int(getattr(ds, "BitsStored", bits) or bits), signed)
     return ds.pixel_array
