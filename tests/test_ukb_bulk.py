@@ -356,3 +356,21 @@ def test_phantom_cli_writes_bulk_files(tmp_path):
     for tag in ("PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient", "TriggerTime",
                 "SeriesDescription", "SeriesInstanceUID"):
         assert tag in ds
+
+
+def test_box_in_mm_centres_the_outline_not_the_strongest_motion():
+    from ecgflowcmr.data.cmr_io import find_heart_box
+
+    # two "chambers" of mean radius 15 px side by side (centroid column 75); the right one beats
+    # five times harder, which pulls a motion-weighted centre towards it
+    t = np.arange(30)[:, None, None]
+    yy, xx = np.mgrid[:160, :150]
+    beat = np.cos(2 * np.pi * t / 30)
+    frames = (100.0 + 600 * ((yy - 80) ** 2 + (xx - 60) ** 2 <= (15 + 1 * beat) ** 2)
+              + 600 * ((yy - 80) ** 2 + (xx - 90) ** 2 <= (15 + 5 * beat) ** 2)).astype(np.float32)
+    tight = find_heart_box(frames, side_px=80)
+    relative = find_heart_box(frames)
+    tight_col, relative_col = (box.col + (box.size - 1) / 2 - 75 for box in (tight, relative))
+    assert abs(tight.row + (tight.size - 1) / 2 - 80) <= 1
+    # the outline still leans to the harder-beating chamber (its outline reaches further), by less
+    assert relative_col >= 7 and 0 <= tight_col <= relative_col / 2, (tight_col, relative_col)

@@ -62,10 +62,10 @@ def manifest_name_of(index: int) -> str:
     return "manifest.cvs" if int(index) % 3 == 2 else "manifest.csv"
 
 
-def bulk_paths(out: Path, index: int) -> tuple[Path, Path]:
-    """(zip, xml) of subject ``index`` in ``out/ukb_bulk``."""
+def bulk_paths(out: Path, index: int, folder: str = BULK_DIR) -> tuple[Path, Path]:
+    """(zip, xml) of subject ``index`` in ``out/<folder>``."""
     eid = eid_of(index)
-    folder = Path(out) / BULK_DIR
+    folder = Path(out) / folder
     return folder / f"{eid}_20208_{INSTANCE}_0.zip", folder / f"{eid}_20205_{INSTANCE}_0.xml"
 
 
@@ -172,8 +172,10 @@ class _SeriesWriter:
 
 
 def write_subject_zip(out_dir: str | Path, index: int, seed: int = 0, variant: str | None = None,
-                      manifest_name: str | None = None) -> Path:
-    """Write subject ``index``'s bulk zip and XML from its phantom files (module doc); atomic."""
+                      manifest_name: str | None = None, folder: str = BULK_DIR, other_views: bool = True) -> Path:
+    """Write subject ``index``'s bulk zip and XML from its phantom files (module doc) into
+    ``out_dir/<folder>``; atomic. ``other_views=False``: the four-chamber series only (a third of
+    the writing, for measurements that read nothing else)."""
     import json
 
     import nibabel as nib
@@ -183,7 +185,7 @@ def write_subject_zip(out_dir: str | Path, index: int, seed: int = 0, variant: s
     variant = variant or variant_of(index)
     manifest_name = manifest_name or manifest_name_of(index)
     eid = eid_of(index)
-    zip_path, xml_path = bulk_paths(out, index)
+    zip_path, xml_path = bulk_paths(out, index, folder)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.load(str(out / "cmr" / f"{sid}.nii.gz"))
     cine = np.asarray(image.dataobj)[:, :, 0, :]                         # (H, W, T)
@@ -208,8 +210,9 @@ def write_subject_zip(out_dir: str | Path, index: int, seed: int = 0, variant: s
         stacked = [views[v] for v in ("3Ch", "4Ch", "2Ch")]
         series.append(("CINE_segmented_LAX", 12, "104512.000000", None, stacked))
     else:
-        series.append(("CINE_segmented_LAX_2Ch", 10, "104310.000000", views["2Ch"][1], views["2Ch"][0]))
-        series.append(("CINE_segmented_LAX_3Ch", 11, "104402.000000", views["3Ch"][1], views["3Ch"][0]))
+        if other_views:
+            series.append(("CINE_segmented_LAX_2Ch", 10, "104310.000000", views["2Ch"][1], views["2Ch"][0]))
+            series.append(("CINE_segmented_LAX_3Ch", 11, "104402.000000", views["3Ch"][1], views["3Ch"][0]))
         if variant == "repeat":
             failed = np.roll(four, 7, axis=2)
             series.append(("CINE_segmented_LAX_4Ch", 12, "104455.000000", four_geo, failed))
@@ -252,26 +255,27 @@ def _zip_manifest(entries: list[tuple[str, str, str]], eid: int) -> str:
 
 
 def _work(args) -> int:
-    out, index, seed = args
-    write_subject_zip(out, index, seed)
+    out, index, seed, folder, other_views = args
+    write_subject_zip(out, index, seed, folder=folder, other_views=other_views)
     return index
 
 
-def write_bulk(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True) -> Path:
+def write_bulk(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, progress: bool = True,
+               folder: str = BULK_DIR, other_views: bool = True) -> Path:
     """Bulk files of phantom subjects 0..n-1 (generated first with ``build.generate``) into
-    ``out_dir/ukb_bulk`` and the eid table ``out_dir/ukb_bulk_eids.csv``; returns the folder. A zip
-    newer than its subject's NIfTI is kept (resumable)."""
+    ``out_dir/<folder>`` (default ``ukb_bulk``) and the eid table ``out_dir/ukb_bulk_eids.csv``;
+    returns the folder. A zip newer than its subject's NIfTI is kept (resumable)."""
     from tqdm import tqdm
 
     out = Path(out_dir)
     todo = []
     for index in range(n):
-        zip_path, xml_path = bulk_paths(out, index)
+        zip_path, xml_path = bulk_paths(out, index, folder)
         nifti = out / "cmr" / f"{subject_id(index)}.nii.gz"
         if not (zip_path.is_file() and xml_path.is_file()
                 and zip_path.stat().st_mtime_ns >= nifti.stat().st_mtime_ns):
-            todo.append((str(out), index, seed))
-    bar = tqdm(total=len(todo), desc=f"ukb bulk -> {out / BULK_DIR}", unit="zip", disable=not progress or not todo)
+            todo.append((str(out), index, seed, folder, other_views))
+    bar = tqdm(total=len(todo), desc=f"ukb bulk -> {out / folder}", unit="zip", disable=not progress or not todo)
     if workers <= 1 or len(todo) <= 1:
         for job in todo:
             _work(job)
@@ -288,4 +292,4 @@ def write_bulk(out_dir: str | Path, n: int, seed: int = 0, workers: int = 1, pro
         writer.writerow(["eid", "subject_id", "variant", "zip_manifest"])
         for index in range(n):
             writer.writerow([eid_of(index), subject_id(index), variant_of(index), manifest_name_of(index)])
-    return out / BULK_DIR
+    return out / folder
