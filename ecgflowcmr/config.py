@@ -74,6 +74,12 @@ class DataConfig:
     unpaired_ecg: str = ""          # ECG-only records for stage 1 (self-supervised; stages 2-3 need pairs): a
                                     # folder of ECG files or a CSV with ecg_path[, subject_id]; prepare_data.py
                                     # reads them with the same readers and QC into <data root>/unpaired
+    ukb_bulk: str = ""              # a folder of UK Biobank bulk files ({eid}_20208_{instance}_0.zip DICOM cines,
+                                    # {eid}_20205_{instance}_0.xml ECGs): prepare_data.py pairs and reads them and
+                                    # writes the manifest itself (<run_dir>/ukb/); docs/ukb.md
+    ukb_instance: int = 2           # the visit paired: 2 first imaging visit, 3 repeat imaging visit
+    ukb_missing_frames: str = "reject"  # a cine with fewer frames than CardiacNumberOfImages: reject | fill (up
+                                    # to 10 % of the frames interpolated in time, flagged in the QC report)
 
 
 @dataclass
@@ -500,6 +506,12 @@ def _validate(cfg: Config) -> None:
              "data.phantom_prevalence", "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
     _require(d.ecg_length_tolerance_s >= 0, "data.ecg_length_tolerance_s", "must be >= 0")
     _require(d.crop_mm >= 0, "data.crop_mm", "must be >= 0 (0: the relative crop)")
+    _require(d.ukb_instance in (2, 3), "data.ukb_instance",
+             f"must be 2 (first imaging visit) or 3 (repeat imaging visit), got {d.ukb_instance}")
+    _require(d.ukb_missing_frames in ("reject", "fill"), "data.ukb_missing_frames",
+             f"must be reject or fill, got {d.ukb_missing_frames!r}")
+    _require(not (d.ukb_bulk and d.manifest), "data.ukb_bulk",
+             "set either data.ukb_bulk (the manifest is then written for you) or data.manifest, not both")
     for sec_name in ("ecg", "vae", "flow"):
         sec = getattr(cfg, sec_name)
         for key in ("epochs", "batch_size"):

@@ -208,6 +208,7 @@ def _fingerprint(manifest_path: Path | bytes, cfg) -> str:
     settings = {"format": FORMAT_VERSION, "tolerance": cfg.data.ecg_length_tolerance_s}
     if cfg.data.crop_mm > 0:            # only then: datasets prepared before the key existed keep theirs
         settings["crop_mm"] = cfg.data.crop_mm
+        settings["box_centre"] = "outline"  # the box in mm is centred on the heart's outline (cmr_io)
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:16]
 

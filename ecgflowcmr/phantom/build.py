@@ -1,9 +1,10 @@
 """Writing a phantom dataset to disk: subjects, manifest, ECG-only pool, and the command line.
 
-``python -m ecgflowcmr.phantom --out DIR --n N --seed S [--workers W] [--version 2]`` writes the files
-``v1.py`` describes (version 1) or the UK Biobank-like version 2 (``v2.py``, 208 x 180 cines and a
-``phantom_version`` manifest column). A subject depends on (seed, index) only, whatever the number
-of workers, and generation resumes.
+``python -m ecgflowcmr.phantom --out DIR --n N --seed S [--workers W] [--version 2] [--format ukb-bulk]``
+writes the files ``v1.py`` describes (version 1) or the UK Biobank-like version 2 (``v2.py``, 208 x 180
+cines and a ``phantom_version`` manifest column); ``--format ukb-bulk`` also writes them as UK
+Biobank bulk files (``ukb_bulk.py``: DICOM zips of field 20208, XMLs of field 20205). A subject
+depends on (seed, index) only, whatever the number of workers, and generation resumes.
 """
 from __future__ import annotations
 
@@ -195,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="phantom version: 1 (default) or 2 (UK Biobank-like, see docs/phantom_realism.md)")
     parser.add_argument("--prevalence", default=None, metavar="N,D,H",
                         help="version 2: shares of normal, dilated, hypertrophic subjects (default 0.8,0.1,0.1)")
+    parser.add_argument("--format", default="nifti", choices=("nifti", "ukb-bulk"),
+                        help="nifti (default): XML + NIfTI + masks + manifest; ukb-bulk: also OUT/ukb_bulk/ with "
+                             "UK Biobank bulk files ({eid}_20208_2_0.zip DICOM cines, {eid}_20205_2_0.xml ECGs) for "
+                             "data.ukb_bulk, and OUT/ukb_bulk_eids.csv (eid -> subject)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     prevalence = None
@@ -206,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     manifest = generate(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet,
                         version=args.version, prevalence=prevalence)
     print(f"wrote {manifest} ({args.n} subjects) in {time.perf_counter() - start:.1f} s")
+    if args.format == "ukb-bulk":
+        from .ukb_bulk import write_bulk
+
+        start = time.perf_counter()
+        folder = write_bulk(args.out, args.n, seed=args.seed, workers=args.workers, progress=not args.quiet)
+        print(f"wrote {folder} ({args.n} participants' 20208 zips and 20205 XMLs) in "
+              f"{time.perf_counter() - start:.1f} s")
     if args.ecg_only > 0:
         pool = generate_ecg_only(args.out, args.ecg_only, seed=args.seed, workers=args.workers,
                                  progress=not args.quiet, version=args.version, prevalence=prevalence)
