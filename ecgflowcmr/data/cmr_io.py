@@ -54,6 +54,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..contract import IMAGE_SIZE, NUM_FRAMES
+from .errors import CMRReadError  # noqa: F401  (raised here; importable from here as before)
 
 MIN_FRAMES = 10            # fewer frames cannot describe one cardiac cycle
 MIN_SIDE = 32              # smaller images are refused
@@ -65,10 +66,6 @@ MAX_LABEL = 5              # mask labels 0 bg, 1 LV, 2 RV, 3 LA, 4 RA, 5 myocard
 REGION_HARMONICS = 3       # box in mm: the moving region from the cycle's harmonics 1-3 (see module doc)
 REGION_SIGMA = 0.025       # its smoothing, as a fraction of the shorter image side
 REGION_THRESHOLD = 0.075   # its threshold, as a fraction of the smoothed map's 99.5th percentile
-
-
-class CMRReadError(ValueError):
-    """A cine or mask file could not be read into the contract's shape; the message says why."""
 
 
 class CropBox(NamedTuple):

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cmr_io import CMRReadError
+from .errors import CMRReadError
 
 log = logging.getLogger("ecgflowcmr.prepare")
 
