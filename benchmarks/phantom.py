@@ -78,6 +78,9 @@ TRAINED = {
     "width_96": (["flow.hidden=96", "flow.heads=4", "flow.epochs=9"], ()),   # 2.24x FLOPs per step
     "depth_4": (["flow.depth=4", "flow.epochs=10"], ()),                      # 1.99x
     "patch_1": (["flow.patch_size=1", "flow.epochs=5"], ()),                  # 3.95x (4x tokens)
+    # the ECG anchor head with less capacity and fewer fitting steps (it overfits after ~500 steps on
+    # version 2: its EF r was -0.28): does a head that regresses less to the mean carry the ECG's EF?
+    "anchor_small": (["flow.anchor_hidden=32", "flow.anchor_steps=200"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),
@@ -101,6 +104,7 @@ SAMPLED = {
     "guidance_2": ("euler", 10, 2.0),
     "guidance_3": ("euler", 10, 3.0),
     "euler_2_guidance_2": ("euler", 2, 2.0),   # the two best sampler levers together
+    "euler_2_guidance_4": ("euler", 2, 4.0),   # version 2: does strong guidance push EF away from the mean?
 }
 BASELINES = ("nearest_neighbour", "template_only", "population_mean", "ecg_regressor")
 CEILINGS = ("vae_reconstruction",)
