@@ -76,7 +76,9 @@ def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
         assert cfg.seed != base.seed and vars(cfg.flow) == vars(base.flow)
     assert {(s, k) for s, k, _ in bench.SAMPLED.values()} >= {("euler", 1), ("euler", 2), ("euler", 4),
                                                                ("euler", 10), ("heun", 5)}
-    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0, 3.0}
+    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0, 3.0, 4.0}
+    small = flow_of("anchor_small")
+    assert {k for k, v in vars(small).items() if vars(base.flow)[k] != v} == {"anchor_hidden", "anchor_steps"}
 
 
 def test_variants_share_the_base_stages_they_do_not_retrain(bench, tmp_path, monkeypatch):
