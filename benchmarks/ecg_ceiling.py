@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    test_cfg = load_config(args.test_config, args.overrides) if args.test_config else cfg
+    test_cfg = load_config(args.test_config) if args.test_config else cfg   # overrides: the trained run's
     train_p, test_p = Prepared(cfg.data_root), Prepared(test_cfg.data_root)
     train_idx, test_idx = train_p.split_indices("train"), test_p.split_indices("test")
     fs = cfg.data.ecg_fs

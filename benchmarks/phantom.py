@@ -520,7 +520,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    test_cfg = load_config(args.test_config, args.overrides) if args.test_config else None
+    # the test set keeps its own config: overrides (run_dir, data.root, ...) are the trained run's
+    test_cfg = load_config(args.test_config) if args.test_config else None
     torch.manual_seed(cfg.seed)
     wanted = [w for w in args.only.split(",") if w] or [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"]
     unknown = [w for w in wanted if w not in {*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"}]
