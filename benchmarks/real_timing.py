@@ -95,7 +95,8 @@ def generated_es_fraction(gen, segmenter, ecgs: np.ndarray, ids: list[str], samp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--config", default="configs/phantom_bench.yaml")
-    parser.add_argument("--checkpoint", default="", help="flow checkpoint (default <run_dir>/flow/best.pt)")
+    parser.add_argument("--checkpoint", default="", help="flow checkpoint (default <run_dir>/flow/best.pt; "
+                                                           "'none': the ECG measures and their phantom calibration only)")
     parser.add_argument("--wfdb", type=Path, default=Path("examples/ecg"))
     parser.add_argument("--mitdb", type=Path, default=Path("tests/data/mitdb-100/100"))
     parser.add_argument("--samples", type=int, default=4)
@@ -109,8 +110,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     prepared = Prepared(cfg.data_root)
-    segmenter, _ = functional.segmenter_for(prepared, cfg.run_path / "bench" / "segmenter.pt", log=print)
-    gen = ECGToCine.from_checkpoint(args.checkpoint or cfg.run_path / "flow" / "best.pt", "cpu")
+    gen = segmenter = None
+    if args.checkpoint != "none":
+        segmenter, _ = functional.segmenter_for(prepared, cfg.run_path / "bench" / "segmenter.pt", log=print)
+        gen = ECGToCine.from_checkpoint(args.checkpoint or cfg.run_path / "flow" / "best.pt", "cpu")
     sets = {}
     names, ecgs = read_wfdb_folder(args.wfdb)
     sets["PTB-XL"] = (names, ecgs)
@@ -125,7 +128,8 @@ def main() -> None:
              "mean RT/RR | SD gen ES over ECGs | SD RT/RR |", "|---" * 10 + "|"]
     for name, (ids, x) in sets.items():
         timing = [ecg_timing(e) for e in x]
-        es = generated_es_fraction(gen, segmenter, x, ids, args.samples, cfg.infer.seed, cfg.infer)
+        es = (generated_es_fraction(gen, segmenter, x, ids, args.samples, cfg.infer.seed, cfg.infer) if gen is not None
+              else np.full((len(ids), 1), np.nan))
         es_mean = es.mean(1)
         rt = np.array([t["rt_rr"] for t in timing])
         qt = np.array([t["qt_rr"] for t in timing])
@@ -135,12 +139,15 @@ def main() -> None:
                              for i, t, m, s in zip(ids, timing, es_mean, es)]}
         if name == "phantom test":
             entry["r_true_es_vs_rt_rr"] = pearson(true_es, rt)
+            entry["r_true_es_vs_qt_rr"] = pearson(true_es, qt)
+            for p, t_es in zip(entry["per_ecg"], true_es):
+                p["true_es_fraction"] = float(t_es)
             entry["r_gen_es_vs_true_es"] = pearson(es_mean, true_es)
         result["sets"][name] = entry
         ok = np.isfinite(rt)
         lines.append(f"| {name} | {len(ids)} | {entry['n_timed']} | {entry['r_gen_es_vs_rt_rr']:.2f} | "
                      f"{entry['r_gen_es_vs_qt_rr']:.2f} | {entry.get('r_true_es_vs_rt_rr', float('nan')):.2f} | "
-                     f"{es_mean.mean():.3f} | {np.nanmean(rt):.3f} | {es_mean.std(ddof=1):.3f} | "
+                     f"{np.mean(es_mean):.3f} | {np.nanmean(rt):.3f} | {np.std(es_mean, ddof=1):.3f} | "
                      f"{np.std(rt[ok], ddof=1) if ok.sum() > 1 else float('nan'):.3f} |")
         print(lines[-1], flush=True)
     real = [e for n, e in result["sets"].items() if n != "phantom test"]
