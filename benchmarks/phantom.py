@@ -38,6 +38,7 @@ from ecgflowcmr.data.datasets import Prepared, cine_from_uint8  # noqa: E402
 from ecgflowcmr.flow.generator import ECGToCine, sample_seed  # noqa: E402
 from ecgflowcmr.flow.retrieval import nearest_rows, pooled_features  # noqa: E402
 from ecgflowcmr.metrics import functional  # noqa: E402
+from ecgflowcmr.metrics import linear as L  # noqa: E402
 from ecgflowcmr.metrics.io import CineSet  # noqa: E402
 from ecgflowcmr.metrics.pipeline import evaluate  # noqa: E402
 
@@ -77,6 +78,9 @@ TRAINED = {
     "width_96": (["flow.hidden=96", "flow.heads=4", "flow.epochs=9"], ()),   # 2.24x FLOPs per step
     "depth_4": (["flow.depth=4", "flow.epochs=10"], ()),                      # 1.99x
     "patch_1": (["flow.patch_size=1", "flow.epochs=5"], ()),                  # 3.95x (4x tokens)
+    # the ECG anchor head with less capacity and fewer fitting steps (it overfits after ~500 steps on
+    # version 2: its EF r was -0.28): does a head that regresses less to the mean carry the ECG's EF?
+    "anchor_small": (["flow.anchor_hidden=32", "flow.anchor_steps=200"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),
@@ -100,9 +104,13 @@ SAMPLED = {
     "guidance_2": ("euler", 10, 2.0),
     "guidance_3": ("euler", 10, 3.0),
     "euler_2_guidance_2": ("euler", 2, 2.0),   # the two best sampler levers together
+    "euler_2_guidance_4": ("euler", 2, 4.0),   # version 2: does strong guidance push EF away from the mean?
 }
 BASELINES = ("nearest_neighbour", "template_only", "population_mean", "ecg_regressor")
-CEILINGS = ("vae_reconstruction",)
+# real_cine: the real test cines through the same readout (segmenter, FID features): what a generator that
+# drew each subject's own heart would score; its EF error is the segmenter's, its FID/precision/recall the
+# real-vs-real floor of the same frames.
+CEILINGS = ("vae_reconstruction", "real_cine")
 
 
 def run_stage(script: str, cfg_path: str, overrides: list[str], log: Path | None = None,
@@ -176,43 +184,105 @@ def train_variants(cfg_path: str, cfg, names: list[str], extra: list[str], jobs:
         return {name: fut.result() for name, fut in futures.items()}
 
 
-class Scorer:
-    """Scores generated test-split cines against the phantom: fidelity + functional readouts."""
+LOW_EF = 40.0      # volume EF (%) below which a test heart counts as a case (version-2 truth: ef_volume)
+MYO_LABEL = 5
 
-    def __init__(self, cfg, out_dir: Path, device: torch.device, fid_frames: int | None = None):
+
+def ed_readouts(labels: np.ndarray, mm_per_px: float) -> dict[str, np.ndarray]:
+    """From label stacks ``(N, T, H, W)``: the LV end-diastolic (frame 0) area in mm^2 and a wall thickness
+    in mm, that of a ring with the LV's and the myocardium's areas: sqrt((A_lv + A_myo) / pi) - sqrt(A_lv / pi).
+    The same rule is applied to the true masks and to the segmenter's labels of a generated cine."""
+    lv = (labels[:, 0] == functional.LV_LABEL).sum((-1, -2)).astype(np.float64)
+    myo = (labels[:, 0] == MYO_LABEL).sum((-1, -2)).astype(np.float64)
+    wall = np.sqrt((lv + myo) / np.pi) - np.sqrt(lv / np.pi)
+    return {"lv_ed_area_mm2": lv * mm_per_px ** 2, "wall_mm": wall * mm_per_px}
+
+
+class Scorer:
+    """Scores generated test-split cines against the phantom: fidelity + functional readouts.
+
+    ``test_cfg`` (default ``cfg``): the config whose prepared test split is scored, e.g. the held-out,
+    case-enriched configs/phantom_eval_v2.yaml; the segmenter and the population mean always come from
+    ``cfg``'s training split (what the generator trained on)."""
+
+    def __init__(self, cfg, out_dir: Path, device: torch.device, fid_frames: int | None = None, test_cfg=None,
+                 segmenter_path: Path | None = None):
         self.cfg, self.out_dir, self.device, self.fid_frames = cfg, out_dir, device, fid_frames
-        self.prepared = Prepared(cfg.data_root)
+        self.test_cfg = test_cfg or cfg
+        self.train_prepared = Prepared(cfg.data_root)
+        self.prepared = Prepared(self.test_cfg.data_root) if test_cfg is not None else self.train_prepared
         self.test = self.prepared.split_indices("test")
         self.ids = self.prepared.subject_ids(self.test)
         self.segmenter, self.seg_info = functional.segmenter_for(
-            self.prepared, out_dir / "segmenter.pt", device=device, log=print)
+            self.train_prepared, segmenter_path or out_dir / "segmenter.pt", device=device, log=print)
         gt = self.prepared.subjects.iloc[self.test]
         self.gt_es = gt["es_frame"].to_numpy(np.float64)
         self.gt_ef = gt["ef_area"].to_numpy(np.float64)
-        self.true_curves = functional.lv_area_curves(np.asarray(self.prepared.masks[self.test]))
+        self.gt_ef_volume = gt["ef_volume"].to_numpy(np.float64) if "ef_volume" in gt.columns else None
+        self.gt_class = gt["class"].astype(str).to_numpy() if "class" in gt.columns else None
+        true_masks = np.asarray(self.prepared.masks[self.test])
+        self.true_curves = functional.lv_area_curves(true_masks)
+        crop = float(self.test_cfg.data.crop_mm)
+        # pixel size of the model input; the relative crop has no one physical scale (version 1: ~1.89 mm)
+        self.mm_per_px = crop / self.test_cfg.data.image_size if crop > 0 else 1.0
+        self.true_ed = ed_readouts(true_masks, self.mm_per_px)
+
+    def low_ef(self) -> np.ndarray | None:
+        return None if self.gt_ef_volume is None else (self.gt_ef_volume < LOW_EF)
 
     def population_mean(self) -> dict:
         """Readouts only: the training median ES frame and mean area-EF for every test subject."""
-        train = self.prepared.subjects.iloc[self.prepared.split_indices("train")]
+        train = self.train_prepared.subjects.iloc[self.train_prepared.split_indices("train")]
         es = np.full(len(self.test), float(np.median(train["es_frame"])))
         ef = np.full(len(self.test), float(np.mean(train["ef_area"])))
         es_err = functional.circular_frame_error(es, self.gt_es)
-        return {"es_frame_error_median": float(np.median(es_err)), "es_frame_error_mean": float(np.mean(es_err)),
-                "ef_area_mae": float(np.mean(np.abs(ef - self.gt_ef))), "n_videos": int(len(self.test))}
+        row = {"es_frame_error_median": float(np.median(es_err)), "es_frame_error_mean": float(np.mean(es_err)),
+               "ef_area_mae": float(np.mean(np.abs(ef - self.gt_ef))), "n_videos": int(len(self.test))}
+        if self.low_ef() is not None:
+            row["lowef_auc"] = 0.5     # a constant score separates nothing
+        return row
+
+    def per_class(self, ef: np.ndarray, ed: dict[str, np.ndarray]) -> dict | None:
+        """Generated vs true means per phantom class: area EF, LV ED area (mm^2), wall thickness (mm)."""
+        if self.gt_class is None:
+            return None
+        out = {}
+        for c in sorted(set(self.gt_class)):
+            m = self.gt_class == c
+            out[c] = {"n": int(m.sum()),
+                      "ef_area_true": float(np.mean(self.gt_ef[m])), "ef_area_gen": float(np.nanmean(ef[m])),
+                      "lv_ed_area_true": float(np.mean(self.true_ed["lv_ed_area_mm2"][m])),
+                      "lv_ed_area_gen": float(np.mean(ed["lv_ed_area_mm2"][m])),
+                      "wall_mm_true": float(np.mean(self.true_ed["wall_mm"][m])),
+                      "wall_mm_gen": float(np.mean(ed["wall_mm"][m]))}
+            if self.gt_ef_volume is not None:
+                out[c]["ef_volume_true"] = float(np.mean(self.gt_ef_volume[m]))
+        return out
+
+    def readouts(self, cines: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Segmenter readouts of cines ``(N, 1, 50, 96, 96)``: (LV curves, area EF, ED readouts)."""
+        u8 = np.clip(np.rint((cines[:, 0] + 1) * 127.5), 0, 255).astype(np.uint8)
+        labels = functional.segment(self.segmenter, u8, device=self.device)
+        curves = functional.lv_area_curves(labels)
+        return curves, functional.ef_area(curves).astype(np.float64), ed_readouts(labels, self.mm_per_px)
 
     def score(self, cines: np.ndarray, seconds_per_video: float | None) -> dict:
         """``cines`` (N_test, 1, 50, 96, 96) in [-1, 1], rows in test-split order."""
         u8 = np.clip(np.rint((cines[:, 0] + 1) * 127.5), 0, 255).astype(np.uint8)
         fake = CineSet("generated", list(self.ids), [0] * len(self.ids), u8)
         res = evaluate("split:test", fake, cfg=self.cfg, paired=True,
-                       data_root=self.cfg.data_root, out_dir=self.out_dir / "eval_cache",
+                       data_root=self.test_cfg.data_root, out_dir=self.out_dir / "eval_cache",
                        metrics=("psnr", "ssim", "lpips", "fid", "fvd"), device=self.device,
                        fid_frames=self.fid_frames)
         row = {}
         for name in ("psnr", "ssim", "lpips", "fid", "fvd"):
             entry = res["metrics"].get(name, {})
             row[name] = entry.get("value") if entry.get("available") else None
-        curves = functional.lv_area_curves(functional.segment(self.segmenter, u8, device=self.device))
+        fid_entry = res["metrics"].get("fid", {})
+        row["precision"], row["recall"] = fid_entry.get("precision"), fid_entry.get("recall")
+        labels = functional.segment(self.segmenter, u8, device=self.device)
+        curves = functional.lv_area_curves(labels)
+        ed = ed_readouts(labels, self.mm_per_px)
         vs_gt = functional.compare_to_ground_truth(curves, self.gt_es, self.gt_ef)
         vs_masks = functional.compare_curves(curves, self.true_curves)
         row.update(
@@ -227,8 +297,14 @@ class Scorer:
         ef = functional.ef_area(curves).astype(np.float64)
         ok = np.isfinite(ef)
         row["ef_area_corr"] = float(np.corrcoef(ef[ok], self.gt_ef[ok])[0, 1]) if np.std(ef[ok]) > 0 else None
+        low = self.low_ef()
+        if low is not None:   # generated area EF as a low-EF score (lower EF = more likely a case)
+            row["lowef_auc"] = L.auc(-np.where(ok, ef, np.nanmean(ef)), low)
+        row["per_class"] = self.per_class(ef, ed)
         row["_es_frames"] = es.tolist()
         row["_ef_area"] = ef.tolist()
+        row["_lv_ed_area_mm2"] = ed["lv_ed_area_mm2"].tolist()
+        row["_wall_mm"] = ed["wall_mm"].tolist()
         return row
 
 
@@ -243,13 +319,14 @@ def generate_split(gen: ECGToCine, ecg: np.ndarray, ids: list[str], sampler: str
     return np.concatenate(out), (time.perf_counter() - t0) / max(1, len(ids))
 
 
-def nearest_neighbour(gen: ECGToCine, prepared: Prepared, test_idx: np.ndarray, batch: int) -> tuple[np.ndarray, float]:
+def nearest_neighbour(gen: ECGToCine, train: Prepared, test: Prepared, test_idx: np.ndarray,
+                      batch: int) -> tuple[np.ndarray, float]:
     """The training cine whose ECG is nearest in the stage-1 pooled feature space (cosine)."""
-    train_idx = prepared.split_indices("train")
-    train_feats = pooled_features(gen, prepared.ecg[train_idx], batch)
+    train_idx = train.split_indices("train")
+    train_feats = pooled_features(gen, train.ecg[train_idx], batch)
     t0 = time.perf_counter()
-    nearest = nearest_rows(pooled_features(gen, prepared.ecg[test_idx], batch), train_feats)
-    cines = cine_from_uint8(np.asarray(prepared.cine[train_idx[nearest]]))[:, None]
+    nearest = nearest_rows(pooled_features(gen, test.ecg[test_idx], batch), train_feats)
+    cines = cine_from_uint8(np.asarray(train.cine[train_idx[nearest]]))[:, None]
     return cines, (time.perf_counter() - t0) / max(1, len(test_idx))
 
 
@@ -295,6 +372,9 @@ def faithfulness(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, seed: int, bat
         "ef_area_corr_with_slot_subject": corr(ef[ok], scorer.gt_ef[ok]),
         "ef_area_mae_vs_ecg_owner": float(np.mean(np.abs(ef[ok] - scorer.gt_ef[perm][ok]))),
         "ef_area_mae_vs_slot_subject": float(np.mean(np.abs(ef[ok] - scorer.gt_ef[ok]))),
+        **({} if scorer.low_ef() is None else {
+            "lowef_auc_vs_ecg_owner": L.auc(-np.nan_to_num(ef, nan=np.nanmean(ef)), scorer.low_ef()[perm]),
+            "lowef_auc_vs_slot_subject": L.auc(-np.nan_to_num(ef, nan=np.nanmean(ef)), scorer.low_ef())}),
         "true_es_frame_std": float(np.std(scorer.gt_es)),
         "true_ef_area_std": float(np.std(scorer.gt_ef)),
         "fid_swapped": row["fid"],
@@ -302,8 +382,50 @@ def faithfulness(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, seed: int, bat
     }
 
 
+def diversity(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, samples: int, n: int, inf, seed: int,
+              batch: int) -> dict:
+    """``samples`` cines per test ECG (noise seeds k = 0..samples-1) for the first ``n`` test subjects: the
+    per-ECG spread (sample SD over k) of the generated area EF and LV end-diastolic area, averaged over
+    ECGs, beside the spread of the truth over the same subjects; and the scores of the mean over k."""
+    n = min(n or len(scorer.ids), len(scorer.ids))
+    ids = scorer.ids[:n]
+    ef, area = np.empty((samples, n)), np.empty((samples, n))
+    t0 = time.perf_counter()
+    for k in range(samples):
+        out = []
+        for i in range(0, n, batch):
+            rows = torch.from_numpy(np.asarray(ecg[i:min(i + batch, n)], dtype=np.float32))
+            seeds = [sample_seed(seed, sid, k) for sid in ids[i:i + batch]]
+            out.append(gen.generate(rows, seeds, sampler=inf.sampler, steps=inf.steps,
+                                    guidance=inf.guidance).cine.numpy())
+        _, ef[k], ed = scorer.readouts(np.concatenate(out))
+        area[k] = ed["lv_ed_area_mm2"]
+    mean_ef = np.nanmean(ef, 0)
+    res = {"what": f"{samples} samples per ECG (noise seeds 0..{samples - 1}), first {n} test subjects",
+           "samples": samples, "n": n, "seconds": time.perf_counter() - t0,
+           "ef_area_sd_per_ecg_mean": float(np.nanmean(np.nanstd(ef, 0, ddof=1))),
+           "lv_ed_area_mm2_sd_per_ecg_mean": float(np.mean(np.std(area, 0, ddof=1))),
+           "ef_area_sd_true_over_subjects": float(np.std(scorer.gt_ef[:n], ddof=1)),
+           "lv_ed_area_mm2_sd_true_over_subjects": float(np.std(scorer.true_ed["lv_ed_area_mm2"][:n], ddof=1)),
+           "ef_area_sd_generated_over_subjects_k0": float(np.nanstd(ef[0], ddof=1)),
+           "mean_of_k_ef_area_corr": L.pearson(mean_ef, scorer.gt_ef[:n]),
+           "mean_of_k_ef_area_mae": float(np.nanmean(np.abs(mean_ef - scorer.gt_ef[:n])))}
+    low = scorer.low_ef()
+    if low is not None:
+        res["mean_of_k_lowef_auc"] = L.auc(-mean_ef, low[:n])
+    if scorer.gt_class is not None:
+        res["per_class_sd_per_ecg"] = {
+            c: {"n": int((scorer.gt_class[:n] == c).sum()),
+                "ef_area_sd": float(np.nanmean(np.nanstd(ef[:, scorer.gt_class[:n] == c], 0, ddof=1))),
+                "lv_ed_area_mm2_sd": float(np.mean(np.std(area[:, scorer.gt_class[:n] == c], 0, ddof=1)))}
+            for c in sorted(set(scorer.gt_class[:n]))}
+    res["_ef_area"] = ef.tolist()
+    res["_lv_ed_area_mm2"] = area.tolist()
+    return res
+
+
 def show(name: str, row: dict) -> None:
-    print(name, {k: fmt(v) for k, v in row.items() if not k.startswith("_")}, flush=True)
+    print(name, {k: fmt(v) for k, v in row.items() if not k.startswith("_") and k != "per_class"}, flush=True)
 
 
 def fmt(v, digits=3):
@@ -328,7 +450,12 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
     rows = dict(sorted(rows.items(), key=lambda kv: (rank.get(kv[0].partition("@")[0], len(order)), kv[0])))
     cols = ["psnr", "ssim", "lpips", "fid", "fvd", "es_frame_error_median", "es_frame_corr", "curve_corr",
             "ef_area_mae", "ef_area_corr", "seconds_per_video"]
-    lines = [f"# Phantom benchmark ({cfg_path}, test split, n = {next(iter(rows.values()))['n_videos']})", "",
+    if any("lowef_auc" in r or "precision" in r for r in rows.values()):   # the version-2 instrument's columns
+        cols += ["lowef_auc", "precision", "recall"]
+    n_test = next(iter(rows.values()))["n_videos"] if rows else "?"
+    test_of = extra.get("test_config", cfg_path)
+    where = "test split" if test_of == cfg_path else f"test split of {test_of}"
+    lines = [f"# Phantom benchmark ({cfg_path}, {where}, n = {n_test})", "",
              "| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
@@ -337,6 +464,20 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
               "phantom's ground truth, es_frame_corr / ef_area_corr = Pearson r of generated and true ES frame / area-EF over "
               "subjects (n/a: not scored by this version or a constant); "
               "curve correlation (per video, then mean) against the ground-truth mask curves.", ""]
+    if any(r.get("per_class") for r in rows.values()):
+        lines += ["## Per class (generated / true means; area EF %, LV ED area mm^2, wall thickness mm, the "
+                  "ring rule of `ed_readouts` on the segmenter's labels / the true masks)", "",
+                  "| variant | class | n | EF gen | EF true | LV ED area gen | true | wall gen | true |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            for c, v in (row.get("per_class") or {}).items():
+                lines.append(f"| {name} | {c} | {v['n']} | {v['ef_area_gen']:.1f} | {v['ef_area_true']:.1f} | "
+                             f"{v['lv_ed_area_gen']:.0f} | {v['lv_ed_area_true']:.0f} | {v['wall_mm_gen']:.2f} | "
+                             f"{v['wall_mm_true']:.2f} |")
+        lines.append("")
+    for key in sorted(k for k in extra if k.startswith("diversity")):
+        lines += [f"## Diversity ({key.partition('diversity_')[2] or 'full'})", "", "```",
+                  json.dumps({k: v for k, v in extra[key].items() if not k.startswith("_")}, indent=1), "```", ""]
     for key in sorted(k for k in extra if k.startswith("faithfulness")):
         model = key.partition("faithfulness_")[2] or "full"
         lines += [f"## ECG swap ({model})", "", "```", json.dumps(extra[key], indent=1), "```", ""]
@@ -344,7 +485,19 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "phantom_bench.md").write_text(text)
     clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_")} for k, r in rows.items()}
-    (out / "phantom_bench.json").write_text(json.dumps({"rows": clean, **extra}, indent=1))
+    extra_clean = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
+                   for k, v in extra.items()}
+    (out / "phantom_bench.json").write_text(json.dumps({"rows": clean, **extra_clean}, indent=1))
+    # per-subject readouts of the rows scored in this call (AUCs and CIs can be recomputed from them)
+    per = {k: {kk: vv for kk, vv in r.items() if kk.startswith("_")} for k, r in rows.items()
+           if any(kk.startswith("_") for kk in r)}
+    per.update({k: {kk: vv for kk, vv in v.items() if kk.startswith("_")} for k, v in extra.items()
+                if isinstance(v, dict) and any(kk.startswith("_") for kk in v)})
+    if per:
+        old_per = out / "per_subject.json"
+        merged = json.loads(old_per.read_text()) if old_per.exists() else {}
+        merged.update(per)
+        old_per.write_text(json.dumps(merged))
     return text
 
 
@@ -361,9 +514,17 @@ def main() -> None:
                              "rows of another model are named <row>@<model>, e.g. euler_2@seed_1")
     parser.add_argument("--fid-frames", type=int, default=10,
                         help="frames per video entering FID (evenly spaced; 0 = all 50)")
+    parser.add_argument("--test-config", default="",
+                        help="score on this config's prepared test split (e.g. configs/phantom_eval_v2.yaml: "
+                             "240 held-out, case-enriched subjects); tables go to <run_dir>/bench_<its name>")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="K > 1: also K samples per test ECG from the sample model (per-ECG spread)")
+    parser.add_argument("--diversity-n", type=int, default=0, help="test subjects the K samples cover (0 = all)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
+    # the test set keeps its own config: overrides (run_dir, data.root, ...) are the trained run's
+    test_cfg = load_config(args.test_config) if args.test_config else None
     torch.manual_seed(cfg.seed)
     wanted = [w for w in args.only.split(",") if w] or [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"]
     unknown = [w for w in wanted if w not in {*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"}]
@@ -378,12 +539,13 @@ def main() -> None:
                                args.jobs)
     for name in ("full", args.swap_model, args.sample_model):
         ckpts.setdefault(name, variant_dir(cfg.run_path, name) / "flow" / "best.pt")
-    out = cfg.run_path / "bench"
-    scorer = Scorer(cfg, out, device, fid_frames=args.fid_frames or None)
+    out = cfg.run_path / ("bench" if test_cfg is None else f"bench_{test_cfg.name}")
+    scorer = Scorer(cfg, out, device, fid_frames=args.fid_frames or None, test_cfg=test_cfg,
+                    segmenter_path=cfg.run_path / "bench" / "segmenter.pt")
     ecg = np.asarray(scorer.prepared.ecg[scorer.test], dtype=np.float32)
     inf, seed, batch = cfg.infer, cfg.infer.seed, cfg.infer.batch_size
     rows: dict[str, dict] = {}
-    extra = {"config": args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
+    extra = {"config": args.config, "test_config": args.test_config or args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
              "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
              "device": str(device), "torch_threads": torch.get_num_threads()}
 
@@ -401,7 +563,6 @@ def main() -> None:
             loaded[name] = ECGToCine.from_checkpoint(ckpts[name], device)
         return loaded[name]
 
-    full = model("full")
     for name in trained:
         gen = model(name)
         cines, spv = generate_split(gen, ecg, scorer.ids, inf.sampler, inf.steps, inf.guidance, seed, batch)
@@ -410,8 +571,14 @@ def main() -> None:
         key = "faithfulness" + ("" if args.swap_model == "full" else f"_{args.swap_model}")
         extra[key] = faithfulness(model(args.swap_model), scorer, ecg, seed, batch, inf.steps)
         print(key, extra[key], flush=True)
-    sampled = model(args.sample_model)
+    needs_sampled = args.samples > 1 or "ecg_regressor" in wanted or any(n in wanted for n in SAMPLED)
+    sampled = model(args.sample_model) if needs_sampled else None
     suffix = "" if args.sample_model == "full" else f"@{args.sample_model}"
+    if args.samples > 1:
+        key = "diversity" + ("" if args.sample_model == "full" else f"_{args.sample_model}")
+        extra[key] = diversity(sampled, scorer, ecg, args.samples, args.diversity_n, inf, seed, batch)
+        print(key, {k: v for k, v in extra[key].items() if not k.startswith("_")}, flush=True)
+        write_table(rows, extra, out, args.config)
     for name, (sampler, steps, guidance) in SAMPLED.items():
         if name in wanted:
             cines, spv = generate_split(sampled, ecg, scorer.ids, sampler, steps, guidance, seed, batch)
@@ -423,14 +590,17 @@ def main() -> None:
         record("ecg_regressor" + suffix,
                scorer.score(np.concatenate(out_cines), (time.perf_counter() - t0) / max(1, len(ecg))))
     if "nearest_neighbour" in wanted:
-        record("nearest_neighbour", scorer.score(*nearest_neighbour(full, scorer.prepared, scorer.test, batch)))
+        record("nearest_neighbour", scorer.score(*nearest_neighbour(model("full"), scorer.train_prepared, scorer.prepared,
+                                                                     scorer.test, batch)))
     if "template_only" in wanted:
-        record("template_only", scorer.score(template_only(full, len(scorer.ids)), None))
+        record("template_only", scorer.score(template_only(model("full"), len(scorer.ids)), None))
     if "population_mean" in wanted:
         record("population_mean", scorer.population_mean())
     if "vae_reconstruction" in wanted:
         record("vae_reconstruction",
-               scorer.score(vae_reconstruction(full, scorer.prepared, scorer.test, batch), None))
+               scorer.score(vae_reconstruction(model("full"), scorer.prepared, scorer.test, batch), None))
+    if "real_cine" in wanted:    # the real test cines themselves: the readout's own floor (no model needed)
+        record("real_cine", scorer.score(cine_from_uint8(np.asarray(scorer.prepared.cine[scorer.test]))[:, None], None))
     print(write_table(rows, extra, out, args.config))
 
 

@@ -76,7 +76,9 @@ def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
         assert cfg.seed != base.seed and vars(cfg.flow) == vars(base.flow)
     assert {(s, k) for s, k, _ in bench.SAMPLED.values()} >= {("euler", 1), ("euler", 2), ("euler", 4),
                                                                ("euler", 10), ("heun", 5)}
-    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0, 3.0}
+    assert {g for _, _, g in bench.SAMPLED.values()} == {1.0, 2.0, 3.0, 4.0}
+    small = flow_of("anchor_small")
+    assert {k for k, v in vars(small).items() if vars(base.flow)[k] != v} == {"anchor_hidden", "anchor_steps"}
 
 
 def test_variants_share_the_base_stages_they_do_not_retrain(bench, tmp_path, monkeypatch):
@@ -156,3 +158,35 @@ def test_demo_spread_averages_runs_and_names_a_missing_one(tmp_path):
     assert "| PSNR (dB, paired with the real cine) | n/a | n/a | n/a |" in text
     with pytest.raises(SystemExit, match="demo_seed9"):
         spread.table([tmp_path / "demo_seed9"])
+
+
+def test_instrument_columns_per_class_and_diversity_sections(bench, tmp_path):
+    per_class = {"dilated": {"n": 2, "ef_area_gen": 30.0, "ef_area_true": 20.0, "lv_ed_area_gen": 1500.0,
+                             "lv_ed_area_true": 2000.0, "wall_mm_gen": 7.0, "wall_mm_true": 6.5}}
+    rows = {"full": {"psnr": 1.0, "n_videos": 2, "lowef_auc": 0.75, "precision": 0.5, "recall": 0.25,
+                     "per_class": per_class, "_ef_area": [30.0, 31.0]}}
+    extra = {"config": "c.yaml", "test_config": "configs/phantom_eval_v2.yaml",
+             "diversity": {"samples": 4, "ef_area_sd_per_ecg_mean": 2.0, "_ef_area": [[1.0]]}}
+    text = bench.write_table(rows, extra, tmp_path, "c.yaml")
+    assert text.splitlines()[0] == "# Phantom benchmark (c.yaml, test split of configs/phantom_eval_v2.yaml, n = 2)"
+    header = next(line for line in text.splitlines() if line.startswith("| variant | psnr"))
+    assert header.endswith("| lowef_auc | precision | recall |")
+    assert "| full | dilated | 2 | 30.0 | 20.0 | 1500 | 2000 | 7.00 | 6.50 |" in text
+    assert "## Diversity (full)" in text and '"ef_area_sd_per_ecg_mean": 2.0' in text and "_ef_area" not in text
+    saved = json.loads((tmp_path / "phantom_bench.json").read_text())
+    assert "_ef_area" not in saved["diversity"] and "_ef_area" not in saved["rows"]["full"]
+    per = json.loads((tmp_path / "per_subject.json").read_text())
+    assert per["full"] == {"_ef_area": [30.0, 31.0]} and per["diversity"] == {"_ef_area": [[1.0]]}
+
+
+def test_ed_readouts_ring_rule(bench):
+    import numpy as np
+
+    labels = np.zeros((1, 2, 40, 40), dtype=np.uint8)
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    labels[0, 0][r < 14] = 5          # myocardium ring from radius 10 to 14
+    labels[0, 0][r < 10] = 1          # LV cavity of radius 10
+    out = bench.ed_readouts(labels, mm_per_px=2.0)
+    assert out["lv_ed_area_mm2"][0] == pytest.approx((r < 10).sum() * 4.0)
+    assert out["wall_mm"][0] == pytest.approx(2.0 * 4.0, rel=0.05)   # 4 px of wall, 2 mm a pixel
