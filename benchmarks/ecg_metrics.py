@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecgflowcmr.data.annotated import annotated_windows  # noqa: E402
+from ecgflowcmr.data.phase import detect_rpeaks  # noqa: E402
 from ecgflowcmr.ecg.dataset import ECGPhaseDataset  # noqa: E402
 from ecgflowcmr.ecg.encoder import load_ecg_encoder, load_pamae  # noqa: E402
 from ecgflowcmr.ecg.metrics import FS, evaluate, markdown_table, match_peaks  # noqa: E402
-from ecgflowcmr.data.phase import detect_rpeaks  # noqa: E402
 
 
 def read_wfdb_folder(folder: Path) -> tuple[list[str], np.ndarray]:
@@ -63,10 +63,10 @@ def read_wfdb_folder(folder: Path) -> tuple[list[str], np.ndarray]:
 
 def plot_records(model, names, ecgs, peaks, mode, out_dir: Path, device) -> None:
     """Phase plot (lead II, reference R-peaks, predicted vs reference phase, chosen cycle) per record."""
+    from ecgflowcmr.data.phase import phase_from_rpeaks
     from ecgflowcmr.ecg.cycles import select_cycles
     from ecgflowcmr.ecg.figures import plot_phase
     from ecgflowcmr.ecg.pamae import sincos_to_phase
-    from ecgflowcmr.data.phase import phase_from_rpeaks
 
     with torch.no_grad():
         feats = model.encoder.features(torch.from_numpy(ecgs).float().to(device))

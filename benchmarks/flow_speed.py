@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         print(f"[{size}] DiT {n_params / 1e6:.1f} M parameters (hidden {fl.hidden}, depth {fl.depth}, "
               f"heads {fl.heads}, patch {fl.patch_size}); batch {args.batch}, guidance {args.guidance}", flush=True)
         time_flow(dit, 1, 1, 1.0, cfg.ecg.width, device)                   # warm-up
-        per_step = None
+        per_step, measured = None, None
         for steps in sorted(args.steps):
             if per_step is not None and steps > limit:
                 seconds, cpu = per_step[0] * steps, per_step[1] * steps

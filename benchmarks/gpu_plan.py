@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. flow.batch_size=8")
     args = parser.parse_args(argv)
 
-    from ecgflowcmr.config import load_config
     from ecgflowcmr import gpu_plan
+    from ecgflowcmr.config import load_config
 
     cfg = load_config(args.config, list(args.overrides))
     t0 = time.time()

@@ -306,7 +306,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         _validate(self)
         return self
 
@@ -397,7 +397,7 @@ def config_diffs(old: dict, new: dict, section: str, resumable: set[str] | froze
     return [f"{key}: {get(old, key)!r} -> {get(new, key)!r}" for key in keys if get(old, key) != get(new, key)]
 
 
-def refuse_other_config(ckpt: dict, cfg: "Config", path, section: str, resumable: set[str],
+def refuse_other_config(ckpt: dict, cfg: Config, path, section: str, resumable: set[str],
                         also: tuple[str, ...] = ("seed",), advice: str = "Pass --fresh to start over") -> None:
     """Raise ``ConfigError`` naming every key in which ``cfg`` differs from the run ``ckpt`` belongs to."""
     diffs = config_diffs(ckpt.get("config", {}), cfg.to_dict(), section, resumable, also)
@@ -603,7 +603,7 @@ def _validate(cfg: Config) -> None:
 DOWNSTREAM_SOURCES = ("generator", "nearest", "template", "oracle")
 
 
-def _validate_downstream(ds: "DownstreamConfig") -> None:
+def _validate_downstream(ds: DownstreamConfig) -> None:
     key = "downstream."
     for name in ("label_splits", "pretrain_splits"):
         splits = getattr(ds, name)

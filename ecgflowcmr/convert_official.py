@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, config_from_dict, save_config
+from .ecg.official import CYCLE_MODES, OfficialECGEncoder, OfficialPAMAE
+from .flow.official import OfficialDiT
 from .official.checkpoints import (
     OfficialCheckpointError,
     load_into,
@@ -35,11 +37,9 @@ from .official.checkpoints import (
     read_stage3,
     read_template,
 )
-from .flow.official import OfficialDiT
-from .ecg.official import CYCLE_MODES, OfficialECGEncoder, OfficialPAMAE
 from .official.units import SCALINGS, check_units, format_table, parse_scale, recommend
-from .vae.official import OfficialVAE3D
 from .utils.checkpoint import atomic_save, file_hash
+from .vae.official import OfficialVAE3D
 
 # The published sizes: the official scripts' argparse defaults and config/disentangle_vae3d.yaml.
 DEFAULTS = dict(ecg_dim=768, base_filters=64, num_frames=50, latent_channels=4, latent_size=12,

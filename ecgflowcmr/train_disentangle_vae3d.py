@@ -8,8 +8,8 @@ Writes runs/<exp>/vae/{best.pt,last.pt,config.yaml,train.log,log.jsonl,figures/}
 runs/<exp>/latents/{train,val,test}.npy, {split}_index.csv, template.pt. Re-running continues an
 unfinished run (or skips finished training and finished latent files); --fresh starts training over.
 """
-from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 from ecgflowcmr.cli import parse_stage_args, stage_parser
+from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 
 
 def main(argv=None) -> None:

@@ -6,8 +6,8 @@
 Writes runs/<exp>/ecg/{best.pt,last.pt,config.yaml,train.log,log.jsonl,figures/}. Re-running
 continues an unfinished run (or does nothing if it is finished); --fresh starts over.
 """
-from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 from ecgflowcmr.cli import parse_stage_args, stage_parser
+from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 
 
 def main(argv=None) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 from ecgflowcmr.cli import parse_stage_args, stage_parser
+from ecgflowcmr.utils.dist import exit_process  # ends a torchrun worker safely
 
 
 def main(argv=None) -> int:

@@ -42,7 +42,7 @@ class FakeECGEncoder(nn.Module):
         self.conv = nn.Conv1d(12, dim, kernel_size=100, stride=100)
 
     @classmethod
-    def from_config(cls, ecg_cfg) -> "FakeECGEncoder":
+    def from_config(cls, ecg_cfg) -> FakeECGEncoder:
         return cls(dim=FAKE_DIM)
 
     def state_hash(self) -> str:

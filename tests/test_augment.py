@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 from ecgflowcmr.data.ecg_io import read_ecg
+from ecgflowcmr.data.phase import detect_rpeaks, heart_rate, phase_from_rpeaks
 from ecgflowcmr.ecg.augment import HR_RANGE_BPM, PROBABILITIES, augment_batch, augment_ecg, time_stretch
 from ecgflowcmr.ecg.dataset import phase_labels
 from ecgflowcmr.ecg.metrics import match_peaks
-from ecgflowcmr.data.phase import detect_rpeaks, heart_rate, phase_from_rpeaks
+from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 
 ONLY = {name: 0.0 for name in PROBABILITIES}
 

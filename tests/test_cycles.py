@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ecgflowcmr.ecg.cycles import find_wraps, roi_align, select_cycles
 from ecgflowcmr.data.phase import phase_from_rpeaks
+from ecgflowcmr.ecg.cycles import find_wraps, roi_align, select_cycles
 
 L = 5000
 FS = 500

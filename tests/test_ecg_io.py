@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 from ecgflowcmr.data import ecg_io
 from ecgflowcmr.data.ecg_io import LEADS, ECGReadError, ECGReadWarning, read_ecg
+from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 
 # ----------------------------------------------------------------------------------------------
 # Fixture writers (UK Biobank CardioSoft layout, CSV)

@@ -7,9 +7,17 @@ import torch
 from ecgflowcmr.flow.dit import FlowDiT
 from ecgflowcmr.flow.generator import ECGToCine, sample_seed, seeded_noise_batch
 from ecgflowcmr.flow.samplers import guided_velocity, integrate, nfe_per_step
-from ecgflowcmr.flow.transport import (LatentNorm, TemplateAnchor, cfg_drop_mask, flow_matching_loss,
-                                       interpolate, sample_t, target_velocity, template_hash,
-                                       validation_t_grid)
+from ecgflowcmr.flow.transport import (
+    LatentNorm,
+    TemplateAnchor,
+    cfg_drop_mask,
+    flow_matching_loss,
+    interpolate,
+    sample_t,
+    target_velocity,
+    template_hash,
+    validation_t_grid,
+)
 from tests.flow_fakes import FakeVAE
 
 SHAPE = (2, 4, 50, 12, 12)

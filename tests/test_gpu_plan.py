@@ -2,8 +2,8 @@
 modules, and configs/ukb.yaml within 80 GB with 10 % headroom."""
 import torch
 
-from ecgflowcmr.config import load_config
 from ecgflowcmr import gpu_plan
+from ecgflowcmr.config import load_config
 
 from .conftest import ROOT
 

@@ -15,8 +15,15 @@ import torch.nn as nn
 from ecgflowcmr.metrics import extractors as ex
 from ecgflowcmr.metrics import fidelity, functional
 from ecgflowcmr.metrics.pipeline import evaluate
-from ecgflowcmr.metrics.weights import (REGISTRY, ResolvedWeight, WeightsUnavailable, load_strict, no_downloads,
-                                        resolve, sha256_of)
+from ecgflowcmr.metrics.weights import (
+    REGISTRY,
+    ResolvedWeight,
+    WeightsUnavailable,
+    load_strict,
+    no_downloads,
+    resolve,
+    sha256_of,
+)
 
 
 def smooth_cines(n: int, seed: int = 0, t: int = 50, size: int = 96) -> np.ndarray:

@@ -10,7 +10,6 @@ import torch
 
 from ecgflowcmr.config import ConfigError, load_config
 from ecgflowcmr.convert_official import main as convert_main
-from ecgflowcmr.official.checkpoints import OfficialCheckpointError
 from ecgflowcmr.ecg.official import OfficialECGEncoder, official_cut, phase_on_samples
 from ecgflowcmr.official.equivalence import TARGETS, max_differences, project_outputs, with_ecgs
 from ecgflowcmr.official.fakes import write_official_checkpoints
@@ -325,8 +324,8 @@ def test_units_check_from_the_command_line(official_files, tmp_path, capsys):
 def test_dit_without_an_ecg_projection_and_the_masked_stage1_forward():
     """ecg_dim == hidden: the official DiT has no ecg_proj weights (Identity); the stage-1 model's
     masked forward gives the PAMAE.forward fields."""
-    from ecgflowcmr.flow.official import OfficialDiT
     from ecgflowcmr.ecg.official import OfficialPAMAE
+    from ecgflowcmr.flow.official import OfficialDiT
 
     dit = OfficialDiT(latent_channels=4, num_frames=5, latent_size=2, ecg_dim=8, hidden=8, depth=1, heads=2).eval()
     assert not any(k.startswith("ecg_proj") for k in dit.state_dict())

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ecgflowcmr.config import load_config
+from ecgflowcmr.data.phase import phase_from_rpeaks
 from ecgflowcmr.ecg.dataset import ECGPhaseDataset, phase_labels
 from ecgflowcmr.ecg.encoder import CycleOutput, ECGEncoder, load_ecg_encoder
 from ecgflowcmr.ecg.pamae import PAMAE, pamae_losses, random_mask, sincos_to_phase
-from ecgflowcmr.data.phase import phase_from_rpeaks
 
 from .conftest import write_prepared_tables
 
@@ -164,7 +164,7 @@ def test_short_training_lowers_both_losses(synth_data):
             return {k: float(v) for k, v in pamae_losses(out, label, 1.0).items()}
 
     before = losses()
-    for step in range(20):
+    for _ in range(20):
         idx = torch.randperm(len(ecg))[:4]
         loss = pamae_losses(model(ecg[idx]), label[idx], 1.0)["loss"]
         opt.zero_grad()

@@ -6,17 +6,16 @@ import math
 import warnings
 import xml.etree.ElementTree as ET
 
-import nibabel as nib
 import neurokit2 as nk
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
-from ecgflowcmr.data import ecg_io
+from ecgflowcmr.data import ecg_io, phase
 from ecgflowcmr.phantom import build
-from ecgflowcmr.phantom import v1 as ph
 from ecgflowcmr.phantom import figure as phantom_figure
-from ecgflowcmr.data import phase
+from ecgflowcmr.phantom import v1 as ph
 
 SEED = 0
 N = 5            # indices 0-3 form one class block: 2 normal, 1 dilated, 1 hypertrophic

@@ -13,10 +13,9 @@ import pandas as pd
 import pytest
 
 from ecgflowcmr.config import ConfigError, config_from_dict
-from ecgflowcmr.phantom import build
-from ecgflowcmr.phantom import v1 as ph
-from ecgflowcmr.phantom import v2
 from ecgflowcmr.data.prepare import PrepareError
+from ecgflowcmr.phantom import build, v2
+from ecgflowcmr.phantom import v1 as ph
 from ecgflowcmr.prepare_data import prepare_dataset as prepare
 
 from .conftest import ROOT

@@ -7,11 +7,23 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 from ecgflowcmr.data.ecg_io import read_ecg
-from ecgflowcmr.data.phase import (QRS_MIN_FRACTION, QRS_MIN_MV, TWO_PI, RPeakError, RPeakWarning, detect_rpeaks,
-                                  has_plausible_qrs, heart_rate, phase_batch, phase_from_rpeaks, phase_from_targets,
-                                  phase_targets, qrs_amplitude)
+from ecgflowcmr.data.phase import (
+    QRS_MIN_FRACTION,
+    QRS_MIN_MV,
+    TWO_PI,
+    RPeakError,
+    RPeakWarning,
+    detect_rpeaks,
+    has_plausible_qrs,
+    heart_rate,
+    phase_batch,
+    phase_from_rpeaks,
+    phase_from_targets,
+    phase_targets,
+    qrs_amplitude,
+)
+from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
 
 BRADYCARDIA, TACHYCARDIA = "426177001", "427084000"  # SNOMED-CT codes in the PTB-XL headers
 

@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
-from tests.test_cmr_io import blob_cine, write_nifti
-from tests.test_ecg_io import write_ukb_xml
 from ecgflowcmr.config import config_from_dict, save_config
 from ecgflowcmr.data import prepare as prep
 from ecgflowcmr.data.datasets import Prepared, PreparedDataset
 from ecgflowcmr.data.prepare import PrepareError
 from ecgflowcmr.prepare_data import prepare_dataset as prepare
+from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS
+from tests.test_cmr_io import blob_cine, write_nifti
+from tests.test_ecg_io import write_ukb_xml
 
 # Record 3 and 4 belong to the same subject; record 2 has a corrupt ECG, record 5 an empty cine.
 SUBJECTS = ["S000", "S001", "S002", "S003", "S003", "S004", "S005", "S006"]

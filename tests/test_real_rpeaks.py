@@ -6,12 +6,19 @@ import warnings
 import numpy as np
 import pytest
 
-from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS, ROOT
 from ecgflowcmr.data.annotated import annotated_windows
 from ecgflowcmr.data.ecg_io import ECGReadError, read_ecg
+from ecgflowcmr.data.phase import (
+    FLAT_STD,
+    LEAD_INDEX,
+    QRS_MIN_FRACTION,
+    QRS_MIN_MV,
+    RPeakWarning,
+    detect_rpeaks,
+    qrs_amplitude,
+)
 from ecgflowcmr.ecg.metrics import match_peaks
-from ecgflowcmr.data.phase import (FLAT_STD, LEAD_INDEX, QRS_MIN_FRACTION, QRS_MIN_MV, RPeakWarning, detect_rpeaks,
-                                  qrs_amplitude)
+from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS, ROOT
 
 MITDB = ROOT / "tests" / "data" / "mitdb-100" / "100"
 

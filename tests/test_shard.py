@@ -11,9 +11,8 @@ import torch
 
 from ecgflowcmr.data.datasets import Prepared
 from ecgflowcmr.flow.trainer import ConditionCache
-from ecgflowcmr.vae.latents import extract_all
-
 from ecgflowcmr.vae import VAE3D
+from ecgflowcmr.vae.latents import extract_all
 
 from .conftest import ROOT, write_fake_prepared
 from .flow_fakes import FakeECGEncoder

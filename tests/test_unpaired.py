@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS, write_fake_prepared
 from ecgflowcmr.config import config_from_dict
 from ecgflowcmr.data.datasets import Prepared
 from ecgflowcmr.data.ecg_io import read_ecg
-from ecgflowcmr.data.prepare import PrepareError, prepare_ecg_only
 from ecgflowcmr.data.phase import detect_rpeaks
+from ecgflowcmr.data.prepare import PrepareError, prepare_ecg_only
 from ecgflowcmr.ecg.train import training_sets
+from tests.conftest import EXAMPLE_ECG_DIR, PTBXL_RECORDS, write_fake_prepared
 
 
 def ptbxl_folder(folder, names=PTBXL_RECORDS[:3]):

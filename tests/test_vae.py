@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import ROOT, write_fake_prepared
 from ecgflowcmr.config import load_config
 from ecgflowcmr.data.datasets import Prepared
 from ecgflowcmr.vae import VAE3D, PatchDiscriminator3D, load_vae
 from ecgflowcmr.vae.latents import compute_template, extract_all
 from ecgflowcmr.vae.losses import MissingWeightsError, build_lpips
+from tests.conftest import ROOT, write_fake_prepared
 
 # A tiny but complete configuration: every code path (3D convs, circular time padding, attention,
 # GAN, clips) at a cost of well under a second per step on two CPU cores.

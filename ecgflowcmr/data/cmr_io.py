@@ -131,7 +131,7 @@ def load_frames(path: str | Path) -> np.ndarray:
             raise CMRReadError(f"{path}: wrong dimensions {data.shape}: a .npy cine is (T, H, W)")
         frames = data
     elif name.endswith(".cine.json"):
-        from .ukb_bulk import load_cine     # a UK Biobank DICOM cine, selected by the bulk scan
+        from .ukb_bulk import load_cine  # a UK Biobank DICOM cine, selected by the bulk scan
 
         frames = load_cine(path)
     elif name.endswith(".nii") or name.endswith(".nii.gz"):

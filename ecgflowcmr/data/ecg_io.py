@@ -35,13 +35,16 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
-from ..contract import ECG_FS as TARGET_FS, ECG_SAMPLES as TARGET_LENGTH, ECG_SECONDS as TARGET_SECONDS, LEADS
+from ..contract import ECG_FS as TARGET_FS
+from ..contract import ECG_SAMPLES as TARGET_LENGTH
+from ..contract import ECG_SECONDS as TARGET_SECONDS
+from ..contract import LEADS
 
 DEFAULT_FS = 500.0          # rate assumed for .npy / .csv when fs is not given
 MIN_FS = 100.0              # below this a QRS complex is not resolved

@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cmr_io import NUM_FRAMES, IMAGE_SIZE, CMRReadError, cine_to_uint8, read_cine, read_mask
+from .cmr_io import IMAGE_SIZE, NUM_FRAMES, CMRReadError, cine_to_uint8, read_cine, read_mask
 from .ecg_io import LEADS, TARGET_FS, TARGET_LENGTH, ECGReadError, ECGReadWarning, read_ecg
 
 log = logging.getLogger("ecgflowcmr.prepare")

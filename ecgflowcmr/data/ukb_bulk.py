@@ -64,7 +64,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import re
 import zipfile
@@ -408,7 +407,6 @@ def _read_header(zf: zipfile.ZipFile, name: str, full: bool = True) -> dict:
     """The header fields the selection needs, from one member, parsed by pydicom without its
     pixels; ``pixel_offset``: where pydicom found the pixel values in the member (so that
     ``load_cine`` views them without parsing the file again), ``crc``: the member's CRC-32."""
-    import pydicom
     from pydicom import config
 
     try:
@@ -585,7 +583,7 @@ def decoder_missing(syntax: str) -> str | None:
         return None
     name = syntax
     try:
-        from pydicom.pixels import get_decoder      # pydicom >= 3
+        from pydicom.pixels import get_decoder  # pydicom >= 3
 
         try:
             decoder = get_decoder(syntax)

@@ -60,7 +60,7 @@ class VideoViT(nn.Module):
         self.apply(_init)
 
     @classmethod
-    def from_config(cls, ds) -> "VideoViT":
+    def from_config(cls, ds) -> VideoViT:
         return cls(ds.frames, ds.image_size, ds.tubelet, ds.patch, ds.width, ds.depth, ds.heads, ds.mlp_ratio)
 
     def patchify(self, cine: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class VideoMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     @classmethod
-    def from_config(cls, ds) -> "VideoMAE":
+    def from_config(cls, ds) -> VideoMAE:
         return cls(VideoViT.from_config(ds), ds.decoder_width, ds.decoder_depth, ds.decoder_heads, ds.mask_ratio)
 
     def forward(self, cine: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

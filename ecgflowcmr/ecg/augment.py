@@ -142,8 +142,8 @@ def augment_batch(ecg, rpeaks, rng: np.random.Generator, probabilities: dict | N
     the others pass unchanged."""
     import torch
 
-    from .dataset import phase_labels
     from ..data.phase import phase_from_rpeaks
+    from .dataset import phase_labels
 
     ecgs, cleans, labels = [], [], []
     length = ecg.shape[-1]

@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.datasets import Prepared
-from .pamae import STRIDE
 from ..data.phase import phase_from_rpeaks, phase_targets
+from .pamae import STRIDE
 
 
 def phase_labels(phase: np.ndarray, stride: int = STRIDE) -> np.ndarray:

@@ -22,6 +22,7 @@ the fallback) are documented in ``ecgflowcmr.ecg.cycles``.
 from __future__ import annotations
 
 import os
+
 import torch
 
 from ..contract import ECG_FS as FS
@@ -43,7 +44,7 @@ class ECGEncoder(ECGBackbone):
         self.cycle_mode = cycle_mode
 
     @classmethod
-    def from_config(cls, ecg_cfg, cycle_mode: str | None = None) -> "ECGEncoder":
+    def from_config(cls, ecg_cfg, cycle_mode: str | None = None) -> ECGEncoder:
         return cls(ecg_cfg.width, ecg_cfg.depth, ecg_cfg.heads, ecg_cfg.num_tokens,
                    cycle_mode or ecg_cfg.cycle_mode)
 

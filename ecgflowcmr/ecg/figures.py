@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import ECG_FS as FS, LEADS
+from ..contract import ECG_FS as FS
+from ..contract import LEADS
 
 
 def _pyplot():

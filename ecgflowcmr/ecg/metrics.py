@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..contract import ECG_FS as FS
+from ..data.phase import phase_from_rpeaks
 from .cycles import EDGE_S, select_cycles
 from .pamae import PAMAE, circular_abs_error, sincos_to_phase
-from ..data.phase import phase_from_rpeaks
 
 TOLERANCE_S = 0.05
 VAL_MASK_SEED = 1234

@@ -158,7 +158,7 @@ class OfficialECGEncoder(nn.Module):
         self.phase_head = nn.Sequential(nn.Conv1d(8 * f, PHASE_HIDDEN, 1), nn.ReLU(), nn.Conv1d(PHASE_HIDDEN, 2, 1))
 
     @classmethod
-    def from_config(cls, ecg_cfg, cycle_mode: str | None = None) -> "OfficialECGEncoder":
+    def from_config(cls, ecg_cfg, cycle_mode: str | None = None) -> OfficialECGEncoder:
         return cls(ecg_cfg.width, ecg_cfg.base_filters, ecg_cfg.num_tokens, cycle_mode or ecg_cfg.cycle_mode,
                    ecg_cfg.input_scale)
 
@@ -246,7 +246,7 @@ class OfficialPAMAE(nn.Module):
         self.decoder = OfficialECGDecoder(out_dim, NUM_LEADS, base_filters)
 
     @classmethod
-    def from_config(cls, ecg_cfg) -> "OfficialPAMAE":
+    def from_config(cls, ecg_cfg) -> OfficialPAMAE:
         return cls(ecg_cfg.width, ecg_cfg.base_filters, ecg_cfg.num_tokens, ecg_cfg.cycle_mode,
                    ecg_cfg.input_scale, ecg_cfg.mask_ratio)
 

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..contract import ECG_SAMPLES as ECG_LENGTH, NUM_LEADS
+from ..contract import ECG_SAMPLES as ECG_LENGTH
+from ..contract import NUM_LEADS
 
 STRIDE = 8
 NUM_POSITIONS = ECG_LENGTH // STRIDE
@@ -275,7 +276,7 @@ class PAMAE(nn.Module):
         self.decoder = PAMAEDecoder(width, decoder_depth, heads, self.encoder.positions, self.encoder.stride)
 
     @classmethod
-    def from_config(cls, ecg_cfg) -> "PAMAE":
+    def from_config(cls, ecg_cfg) -> PAMAE:
         _refuse_official(ecg_cfg)
         return cls(ecg_cfg.width, ecg_cfg.depth, ecg_cfg.heads, ecg_cfg.decoder_depth, ecg_cfg.mask_ratio)
 

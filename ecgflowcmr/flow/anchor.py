@@ -45,7 +45,7 @@ class AnchorHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     @classmethod
-    def from_arch(cls, arch: dict) -> "AnchorHead":
+    def from_arch(cls, arch: dict) -> AnchorHead:
         template = torch.zeros(arch["template_shape"])     # the buffer comes with the state dict
         return cls(template, arch["ecg_dim"], arch["num_frames"], arch["hidden"], arch["kernel"])
 

@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from ..utils.attention import sdpa
 
-
 # ----------------------------------------------------------------------------------------------
 # Fixed sin-cos positional embeddings
 # ----------------------------------------------------------------------------------------------
@@ -165,21 +164,21 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 12 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, t, l, d = x.shape
+        b, t, n, d = x.shape
         (sh_s, sc_s, g_s, sh_t, sc_t, g_t,
          sh_c, sc_c, g_c, sh_m, sc_m, g_m) = self.adaLN_modulation(c).chunk(12, dim=1)
 
         # 1. spatial: (B*T, L, D) -- a view, no copy
-        h = modulate(self.norm_spatial(x), sh_s, sc_s).reshape(b * t, l, d)
-        x = gated_residual(x, g_s, self.attn_spatial(h).view(b, t, l, d))
+        h = modulate(self.norm_spatial(x), sh_s, sc_s).reshape(b * t, n, d)
+        x = gated_residual(x, g_s, self.attn_spatial(h).view(b, t, n, d))
 
         # 2. temporal: (B*L, T, D)
-        h = modulate(self.norm_temporal(x), sh_t, sc_t).transpose(1, 2).reshape(b * l, t, d)
-        x = gated_residual(x, g_t, self.attn_temporal(h).view(b, l, t, d).transpose(1, 2))
+        h = modulate(self.norm_temporal(x), sh_t, sc_t).transpose(1, 2).reshape(b * n, t, d)
+        x = gated_residual(x, g_t, self.attn_temporal(h).view(b, n, t, d).transpose(1, 2))
 
         # 3. cross-attention: all T*L latent tokens of a video -> that video's S ECG tokens
-        h = modulate(self.norm_cross(x), sh_c, sc_c).reshape(b, t * l, d)
-        x = gated_residual(x, g_c, self.attn_cross(h, context).view(b, t, l, d))
+        h = modulate(self.norm_cross(x), sh_c, sc_c).reshape(b, t * n, d)
+        x = gated_residual(x, g_c, self.attn_cross(h, context).view(b, t, n, d))
 
         # 4. MLP
         return gated_residual(x, g_m, self.mlp(modulate(self.norm_mlp(x), sh_m, sc_m)))

@@ -180,7 +180,7 @@ class Generated:
     fallback: torch.Tensor
 
     @classmethod
-    def of(cls, cine: torch.Tensor, latents: torch.Tensor, cycle) -> "Generated":
+    def of(cls, cine: torch.Tensor, latents: torch.Tensor, cycle) -> Generated:
         """With the chosen cycle of the encoder output ``cycle``."""
         return cls(cine, latents, cycle.start.detach().cpu().long(), cycle.end.detach().cpu().long(),
                    cycle.fallback.detach().cpu().bool())
@@ -212,7 +212,7 @@ class ECGToCine:
     # -- loading ------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
-                        use_ema: bool = True, amp: bool = True) -> "ECGToCine":
+                        use_ema: bool = True, amp: bool = True) -> ECGToCine:
         device = torch.device(device)
         ckpt = load_checkpoint(path, stage_hint="train_flow.py")
         for key in ("dit_arch", "ecg_encoder", "vae", "template", "flow"):

@@ -121,7 +121,7 @@ def collect_inputs(spec: str, cfg: Config) -> list[ECGItem]:
             import pandas as pd
 
             table = pd.read_csv(path, dtype=str)
-            for i, row in table.iterrows():
+            for _, row in table.iterrows():
                 ecg_path = _resolve(str(row["ecg_path"]), path.parent)
                 subject = row.get("subject_id") if isinstance(row.get("subject_id"), str) else ecg_path.stem
                 items.append(ECGItem(_safe_name(subject), str(ecg_path), path=ecg_path))

@@ -146,7 +146,7 @@ class OfficialDiT(nn.Module):
         self.final_linear = nn.Linear(hidden, latent_channels)
 
     @classmethod
-    def from_arch(cls, arch: dict) -> "OfficialDiT":
+    def from_arch(cls, arch: dict) -> OfficialDiT:
         return cls(**{k: v for k, v in arch.items() if k != "arch"})
 
     def predict_velocity(self, z_t: torch.Tensor, t: torch.Tensor, ecg_feat: torch.Tensor) -> torch.Tensor:

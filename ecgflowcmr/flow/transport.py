@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 # ----------------------------------------------------------------------------------------------
 # Latent normalisation
 # ----------------------------------------------------------------------------------------------
@@ -48,11 +47,11 @@ class LatentNorm:
     std: torch.Tensor
 
     @classmethod
-    def identity(cls, channels: int) -> "LatentNorm":
+    def identity(cls, channels: int) -> LatentNorm:
         return cls(torch.zeros(channels), torch.ones(channels))
 
     @classmethod
-    def from_template(cls, template: dict, enabled: bool = True) -> "LatentNorm":
+    def from_template(cls, template: dict, enabled: bool = True) -> LatentNorm:
         if not enabled:
             return cls.identity(int(template["template"].shape[0]))
         std = template["std"].float().clamp_min(1e-6)
@@ -71,7 +70,7 @@ class LatentNorm:
         return {"mean": self.mean.detach().cpu().float(), "std": self.std.detach().cpu().float()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatentNorm":
+    def from_dict(cls, d: dict) -> LatentNorm:
         return cls(d["mean"].float(), d["std"].float())
 
 

@@ -30,8 +30,8 @@ LPIPS: ``lpips.LPIPS(net='alex', version='0.1')`` built without any download
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -34,7 +34,7 @@ class CineSet:
     def keys(self) -> list[str]:
         return [s if k == 0 else f"{s}_{k}" for s, k in zip(self.subjects, self.samples)]
 
-    def subset(self, idx) -> "CineSet":
+    def subset(self, idx) -> CineSet:
         idx = np.asarray(idx, dtype=np.int64)
         return CineSet(self.source, [self.subjects[i] for i in idx], [self.samples[i] for i in idx],
                        self.cines[idx], None if self.masks is None else self.masks[idx],

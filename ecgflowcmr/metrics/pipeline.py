@@ -543,7 +543,7 @@ def _functional(run: _Run):
 
 def _per_video_rows(real_set, fake_set, pairing, per_video) -> list[dict]:
     rows = []
-    for p, (ri, fi) in enumerate(zip(pairing.real_index, pairing.fake_index)):
+    for p, fi in enumerate(pairing.fake_index):
         row = {"subject": fake_set.subjects[fi], "sample": int(fake_set.samples[fi])}
         for key, values in per_video.items():
             name = key[3:] if key.startswith("pv_") else key

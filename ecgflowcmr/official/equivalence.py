@@ -60,9 +60,9 @@ def with_ecgs(reference: dict, folder: str | Path = EXAMPLE_ECGS) -> dict:
 def project_outputs(run_dir: str | Path, reference: dict, sampler: str = "euler_mid") -> dict:
     """Every output of ``reference["outputs"]``, computed from the converted ``run_dir``."""
     from ..ecg.encoder import load_pamae
+    from ..ecg.official import official_cut
     from ..flow.generator import ECGToCine
     from ..vae import load_vae
-    from ..ecg.official import official_cut
 
     run_dir = Path(run_dir)
     x, meta = reference["inputs"], reference["meta"]

@@ -16,8 +16,18 @@ import time
 from pathlib import Path
 
 from . import v2
-from .v1 import (GENERATOR_VERSION, VERSIONS, atomic_write_bytes, frontal_axes, ground_truth, simulate,
-                 subject_id, write_ecg_xml, write_nifti)
+from .v1 import (
+    GENERATOR_VERSION,
+    VERSIONS,
+    atomic_write_bytes,
+    frontal_axes,
+    ground_truth,
+    simulate,
+    subject_id,
+    write_ecg_xml,
+    write_nifti,
+)
+
 
 def _paths(out: Path, sid: str) -> dict:
     return {"ecg": out / "ecg" / f"{sid}.xml", "cmr": out / "cmr" / f"{sid}.nii.gz",

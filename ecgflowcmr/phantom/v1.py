@@ -57,14 +57,16 @@ The cine frames and masks are rendered with vectorised numpy over (T, H, W).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ecgflowcmr.contract import ECG_FS as FS, ECG_SAMPLES as N_SAMPLES, LEADS, NUM_FRAMES as N_FRAMES
+from ecgflowcmr.contract import ECG_FS as FS
+from ecgflowcmr.contract import ECG_SAMPLES as N_SAMPLES
+from ecgflowcmr.contract import LEADS
+from ecgflowcmr.contract import NUM_FRAMES as N_FRAMES
 
 CLASSES = ("normal", "dilated", "hypertrophic")
 MASK_LABELS = {0: "background", 1: "LV", 2: "RV", 3: "LA", 4: "RA", 5: "myocardium"}

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
-
 _RAN_PROCESS_GROUP = False       # this process initialised a process group (see exit_process)
 # How long a collective may wait for its slowest rank. NCCL's default (10 min) is shorter than what
 # rank 0 alone may do between two barriers at UK Biobank size (the template's statistics over the

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..contract import ECG_FS, LEADS as LEAD_NAMES
+from ..contract import ECG_FS
+from ..contract import LEADS as LEAD_NAMES
 
 BG = (12, 12, 16)
 TRACE = (120, 230, 140)

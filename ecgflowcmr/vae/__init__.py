@@ -8,7 +8,7 @@
 from .discriminator import PatchDiscriminator3D
 from .latents import compute_template, extract_all, extract_split
 from .losses import MissingWeightsError, build_lpips
-from .model import DiagonalGaussian, VAE3D, build_vae, load_vae
+from .model import VAE3D, DiagonalGaussian, build_vae, load_vae
 
 __all__ = ["VAE3D", "DiagonalGaussian", "build_vae", "load_vae", "PatchDiscriminator3D", "build_lpips",
            "MissingWeightsError", "extract_all", "extract_split", "compute_template"]

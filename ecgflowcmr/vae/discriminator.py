@@ -45,6 +45,6 @@ class PatchDiscriminator3D(nn.Module):
         return self.net(x)
 
     @classmethod
-    def from_config(cls, vae_cfg) -> "PatchDiscriminator3D":
+    def from_config(cls, vae_cfg) -> PatchDiscriminator3D:
         get = (lambda k: vae_cfg[k]) if isinstance(vae_cfg, dict) else (lambda k: getattr(vae_cfg, k))
         return cls(1, get("disc_channels"), get("disc_layers"))

@@ -29,7 +29,8 @@ Design choices (and why):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -287,7 +288,7 @@ class VAE3D(nn.Module):
         self.post_quant_conv = nn.Conv3d(latent_channels, latent_channels, 1)
 
     @classmethod
-    def from_config(cls, vae_cfg: Any) -> "VAE3D":
+    def from_config(cls, vae_cfg: Any) -> VAE3D:
         """Build from a ``VAEConfig`` or the ``config["vae"]`` dict stored in a checkpoint."""
         if dataclasses.is_dataclass(vae_cfg):
             vae_cfg = dataclasses.asdict(vae_cfg)

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..utils.checkpoint import state_hash
-from .posterior import DiagonalGaussian
 from ..utils.device import fp16_autocast
+from .posterior import DiagonalGaussian
 
 GROUPS = 32
 ATTN_HEADS = 8
@@ -223,7 +223,7 @@ class OfficialVAE3D(nn.Module):
         self.post_quant_conv = nn.Conv3d(latent_channels, z_channels, 1)
 
     @classmethod
-    def from_config(cls, vae_cfg: Any) -> "OfficialVAE3D":
+    def from_config(cls, vae_cfg: Any) -> OfficialVAE3D:
         """From a ``VAEConfig`` or the ``config["vae"]`` dict of a checkpoint."""
         if dataclasses.is_dataclass(vae_cfg):
             vae_cfg = dataclasses.asdict(vae_cfg)
