@@ -486,9 +486,20 @@ ARCHS = ("project", "official")
 
 
 def _validate(cfg: Config) -> None:
-    d, e, v, fl, inf, ev = cfg.data, cfg.ecg, cfg.vae, cfg.flow, cfg.infer, cfg.eval
+    """Every section's values, section by section; the first bad key raises ``ConfigError``."""
     _require(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
              "device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    _validate_data(cfg.data)
+    _validate_training(cfg)
+    _validate_ecg(cfg.ecg, cfg.data)
+    _validate_vae(cfg.vae, cfg.data)
+    _validate_flow(cfg.flow)
+    _validate_infer_eval(cfg.infer, cfg.eval)
+    _validate_downstream(cfg.downstream)
+
+
+def _validate_data(d: DataConfig) -> None:
+    """``data``: the contract's shapes and rates, the phantom, UK Biobank bulk files."""
     _require(len(d.split_fractions) == 3 and all(x >= 0 for x in d.split_fractions)
              and abs(sum(d.split_fractions) - 1) < 1e-6,
              "data.split_fractions", "must be three non-negative numbers summing to 1")
@@ -503,7 +514,8 @@ def _validate(cfg: Config) -> None:
     _require(d.phantom_version in (1, 2), "data.phantom_version", f"must be 1 or 2, got {d.phantom_version}")
     _require(len(d.phantom_prevalence) == 3 and all(x >= 0 for x in d.phantom_prevalence)
              and abs(sum(d.phantom_prevalence) - 1) < 1e-6,
-             "data.phantom_prevalence", "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
+             "data.phantom_prevalence",
+             "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
     _require(d.ecg_length_tolerance_s >= 0, "data.ecg_length_tolerance_s", "must be >= 0")
     _require(d.crop_mm >= 0, "data.crop_mm", "must be >= 0 (0: the relative crop)")
     _require(d.ukb_instance in (2, 3), "data.ukb_instance",
@@ -512,6 +524,10 @@ def _validate(cfg: Config) -> None:
              f"must be reject or fill, got {d.ukb_missing_frames!r}")
     _require(not (d.ukb_bulk and d.manifest), "data.ukb_bulk",
              "set either data.ukb_bulk (the manifest is then written for you) or data.manifest, not both")
+
+
+def _validate_training(cfg: Config) -> None:
+    """What the three trained stages share: loop sizes, schedule, architecture family."""
     for sec_name in ("ecg", "vae", "flow"):
         sec = getattr(cfg, sec_name)
         for key in ("epochs", "batch_size"):
@@ -522,6 +538,10 @@ def _validate(cfg: Config) -> None:
     for sec_name in ("ecg", "vae", "flow"):
         _require(getattr(cfg, sec_name).arch in ARCHS, f"{sec_name}.arch",
                  f"must be one of {', '.join(ARCHS)}, got {getattr(cfg, sec_name).arch!r}")
+
+
+def _validate_ecg(e: ECGConfig, d: DataConfig) -> None:
+    """``ecg`` (stage 1)."""
     _require(0 <= e.mask_ratio < 1, "ecg.mask_ratio", "must be in [0, 1)")
     _require(e.width % e.heads == 0, "ecg.width", f"must be divisible by ecg.heads={e.heads}")
     _require(e.cycle_mode in ("median", "ensemble", "window", "official"), "ecg.cycle_mode",
@@ -535,6 +555,10 @@ def _validate(cfg: Config) -> None:
     _require(e.num_tokens == d.num_frames, "ecg.num_tokens", "must equal data.num_frames")
     _require(e.phase_weight >= 0, "ecg.phase_weight", "must be >= 0")
     _require(0 <= e.augment_fraction <= 1, "ecg.augment_fraction", "must be in [0, 1]")
+
+
+def _validate_vae(v: VAEConfig, d: DataConfig) -> None:
+    """``vae`` (stage 2)."""
     _require(1 <= len(v.channel_mult) <= 4, "vae.channel_mult",
              "needs 1 to 4 levels: 4 levels = 3 downsamplings = 8x; with fewer, the rest of the 8x is "
              "a pixel-unshuffle (3 levels: 2x2 patches)")
@@ -562,6 +586,10 @@ def _validate(cfg: Config) -> None:
                  "vae.arch=official needs 4 levels (3 downsamplings = 8x; it has no pixel-unshuffle)")
         _require(all((v.base_channels * m) % 32 == 0 for m in v.channel_mult), "vae.base_channels",
                  "vae.arch=official: base_channels x every channel_mult entry must be a multiple of 32 (GroupNorm)")
+
+
+def _validate_flow(fl: FlowConfig) -> None:
+    """``flow`` (stage 3)."""
     _require(fl.patch_size in (1, 2), "flow.patch_size", "must be 1 or 2 (latent is 12 x 12)")
     _require(fl.patch_size == 1 or fl.arch == "project", "flow.patch_size",
              "flow.arch=official has one token per latent pixel: use 1")
@@ -573,7 +601,6 @@ def _validate(cfg: Config) -> None:
     _require(fl.ecg_lr > 0, "flow.ecg_lr", "must be > 0")
     _require(fl.val_subjects >= 0, "flow.val_subjects", "must be >= 0 (0: every val subject)")
     _require(fl.sample_every >= 0, "flow.sample_every", "must be >= 0 (0: no previews)")
-    _require(inf.batch_size >= 1, "infer.batch_size", "must be >= 1")
     _require(fl.alpha >= 0, "flow.alpha", "must be >= 0")
     _require(fl.anchor in ("template", "ecg"), "flow.anchor", "must be template or ecg")
     _require(fl.anchor == "template" or fl.use_template, "flow.anchor",
@@ -589,6 +616,10 @@ def _validate(cfg: Config) -> None:
     _require(0 <= fl.ema_decay < 1, "flow.ema_decay", "must be in [0, 1)")
     _require(fl.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling",
              "must be uniform or logit_normal")
+
+
+def _validate_infer_eval(inf: InferConfig, ev: EvalConfig) -> None:
+    """``infer`` and ``eval``."""
     _require(inf.sampler in ("euler", "heun", "midpoint", "euler_mid"), "infer.sampler",
              "must be euler, heun, midpoint or euler_mid")
     _require(inf.steps >= 1, "infer.steps", "must be >= 1")
@@ -597,8 +628,7 @@ def _validate(cfg: Config) -> None:
     _require(ev.fid_variant in ("standard", "paper"), "eval.fid_variant", "must be standard or paper")
     _require(ev.fvd_variant in ("standard", "paper"), "eval.fvd_variant", "must be standard or paper")
     _require(ev.bootstrap >= 0, "eval.bootstrap", "must be >= 0")
-    _validate_downstream(cfg.downstream)
-
+    _require(inf.batch_size >= 1, "infer.batch_size", "must be >= 1")
 
 DOWNSTREAM_SOURCES = ("generator", "nearest", "template", "oracle")
 

@@ -155,13 +155,9 @@ def units_report(pamae: OfficialPAMAE, spec: str, device: str, log=print) -> tup
     return rows, best
 
 
-def convert(args: argparse.Namespace, log=print) -> dict:
-    """Read the official files, write the run folder; returns the conversion record."""
-    sizes = resolve_sizes(args)
-    out = Path(args.out)
-    if args.ecg_scale == "auto" and not args.check_units:
-        raise ConfigError("--ecg-scale auto needs --check-units ECGS (the ECGs to decide on)")
-    # -- stage 1 (and the units check, which needs only it)
+def _stage1(args: argparse.Namespace, sizes: dict, log) -> tuple:
+    """The stage-1 file as an ``OfficialPAMAE`` (decoder when present) and, with ``--check-units``,
+    the units check: (pamae, decoder state or None, checkpoint facts, units record or None)."""
     enc_state, dec_state, ecg_info = read_stage1(args.ecg)
     pamae = OfficialPAMAE(sizes["ecg_dim"], sizes["base_filters"], sizes["num_frames"])
     load_into(pamae.encoder, enc_state, args.ecg, "stage-1 ECG encoder", _hint("ecg"))
@@ -173,6 +169,30 @@ def convert(args: argparse.Namespace, log=print) -> dict:
             raise OfficialCheckpointError(f"'{args.ecg}' holds no decoder.* weights: the units check needs them")
         rows, best = units_report(pamae, args.check_units, args.device, log)
         units = {"ecgs": args.check_units, "rows": rows, "best": best["name"]}
+    return pamae, dec_state, ecg_info, units
+
+
+def _generation_encoder(args: argparse.Namespace, cfg, pamae: OfficialPAMAE, tuned_state) -> tuple:
+    """The encoder generation uses: the flow checkpoint's fine-tuned one (the DiT was trained with
+    it) unless ``--encoder stage1`` or the checkpoint has none. Returns (encoder, why)."""
+    encoder = OfficialECGEncoder.from_config(cfg.ecg)
+    if args.encoder == "flow" and tuned_state is not None:
+        load_into(encoder, tuned_state, args.flow, "fine-tuned ECG encoder", _hint("ecg"))
+        return encoder, ("flow: the fine-tuned encoder of the flow checkpoint ('encoder_state_dict'), "
+                         "trained with the DiT")
+    encoder.load_state_dict(pamae.encoder.state_dict())
+    return encoder, ("stage1: the stage-1 encoder (--encoder stage1, what the official infer_flow.py loads)"
+                     if args.encoder == "stage1" else
+                     "stage1: the flow checkpoint carries no 'encoder_state_dict', so the stage-1 encoder")
+
+
+def convert(args: argparse.Namespace, log=print) -> dict:
+    """Read the official files, write the run folder; returns the conversion record."""
+    sizes = resolve_sizes(args)
+    out = Path(args.out)
+    if args.ecg_scale == "auto" and not args.check_units:
+        raise ConfigError("--ecg-scale auto needs --check-units ECGS (the ECGs to decide on)")
+    pamae, dec_state, ecg_info, units = _stage1(args, sizes, log)
     if not (args.vae or args.flow or args.template):
         return {"units": units}
     missing = [f"--{k}" for k in ("vae", "flow", "template") if not getattr(args, k)]
@@ -187,15 +207,7 @@ def convert(args: argparse.Namespace, log=print) -> dict:
     dit = OfficialDiT(sizes["latent_channels"], sizes["num_frames"], sizes["latent_size"], sizes["ecg_dim"],
                       sizes["dit_hidden"], sizes["dit_depth"], sizes["dit_heads"])
     load_into(dit, dit_state, args.flow, "stage-3 DiT", _hint("flow"))
-    encoder = OfficialECGEncoder.from_config(cfg.ecg)
-    if args.encoder == "flow" and tuned_state is not None:
-        load_into(encoder, tuned_state, args.flow, "fine-tuned ECG encoder", _hint("ecg"))
-        source = "flow: the fine-tuned encoder of the flow checkpoint ('encoder_state_dict'), trained with the DiT"
-    else:
-        encoder.load_state_dict(pamae.encoder.state_dict())
-        source = ("stage1: the stage-1 encoder (--encoder stage1, what the official infer_flow.py loads)"
-                  if args.encoder == "stage1" else
-                  "stage1: the flow checkpoint carries no 'encoder_state_dict', so the stage-1 encoder")
+    encoder, source = _generation_encoder(args, cfg, pamae, tuned_state)
     log(f"ECG encoder for generation: {source}")
 
     # -- stage 2 and the template

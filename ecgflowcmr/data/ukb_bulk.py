@@ -525,26 +525,12 @@ def _check_group(members: list[dict], file_position: dict) -> dict:
                       else f"frames of different pixel spacing: {sorted(spacings)}")
     if None in (g["rows"], g["columns"]):
         return refuse("bad_dicom", "Rows / Columns missing")
-    bad_layout = [m["name"] for m in members if (m["SamplesPerPixel"] or 1) != 1 or (m["NumberOfFrames"] or 1) != 1
-                  or (m["PhotometricInterpretation"] or "MONOCHROME2") != "MONOCHROME2"]
-    if bad_layout:
-        return refuse("bad_dicom", f"{bad_layout[0]}: not a single-frame MONOCHROME2 image (colour, inverted or "
-                                   f"multi-frame DICOM is not read)")
-    syntaxes = sorted({m["syntax"] for m in members})
-    for syntax in syntaxes:
-        missing = decoder_missing(syntax)
-        if missing:
-            return refuse("no_decoder", missing)
+    unreadable = _unreadable(members)
+    if unreadable:
+        return refuse(*unreadable)
     g["crcs"] = [m["crc"] for m in members]
-    # the pixel values viewed in place (load_cine) when every frame is stored alike, uncompressed
-    layouts = {(m["syntax"], m["BitsAllocated"], m["BitsStored"], m["PixelRepresentation"] or 0) for m in members}
     g["offsets"] = [m["pixel_offset"] for m in members]
-    g["pixels"] = None
-    if len(layouts) == 1:
-        syntax, allocated, stored, signed = layouts.pop()
-        if syntax in _RAW_SYNTAXES and allocated in (8, 16) and None not in g["offsets"] and all(
-                m["size"] >= m["pixel_offset"] + g["rows"] * g["columns"] * allocated // 8 for m in members):
-            g["pixels"] = {"bits": allocated, "stored": stored or allocated, "signed": signed}
+    g["pixels"] = _pixel_layout(members, g["rows"], g["columns"])
     times = np.asarray(g["trigger_ms"])
     if len(times) > 1 and np.any(np.diff(times) <= 0):
         t = float(times[1:][np.diff(times) <= 0][0])
@@ -564,6 +550,36 @@ def _check_group(members: list[dict], file_position: dict) -> dict:
     else:
         g["slots"] = list(range(expected))
     return g
+
+
+def _unreadable(members: list[dict]) -> tuple[str, str] | None:
+    """(kind, reason) when some frame is not a single-frame MONOCHROME2 image or no installed
+    decoder reads its transfer syntax; None when every frame can be read."""
+    bad_layout = [m["name"] for m in members if (m["SamplesPerPixel"] or 1) != 1 or (m["NumberOfFrames"] or 1) != 1
+                  or (m["PhotometricInterpretation"] or "MONOCHROME2") != "MONOCHROME2"]
+    if bad_layout:
+        return "bad_dicom", (f"{bad_layout[0]}: not a single-frame MONOCHROME2 image (colour, inverted or "
+                             f"multi-frame DICOM is not read)")
+    for syntax in sorted({m["syntax"] for m in members}):
+        missing = decoder_missing(syntax)
+        if missing:
+            return "no_decoder", missing
+    return None
+
+
+def _pixel_layout(members: list[dict], rows: int, columns: int) -> dict | None:
+    """How ``load_cine`` may view the pixel values in place (bits, stored bits, signedness): only
+    when every frame is stored alike, uncompressed, at an offset the scan found; else None
+    (each frame is then decoded by pydicom)."""
+    layouts = {(m["syntax"], m["BitsAllocated"], m["BitsStored"], m["PixelRepresentation"] or 0) for m in members}
+    if len(layouts) != 1:
+        return None
+    syntax, allocated, stored, signed = layouts.pop()
+    if syntax in _RAW_SYNTAXES and allocated in (8, 16) and all(
+            m["pixel_offset"] is not None and m["size"] >= m["pixel_offset"] + rows * columns * allocated // 8
+            for m in members):
+        return {"bits": allocated, "stored": stored or allocated, "signed": signed}
+    return None
 
 
 def _frame_slots(times: np.ndarray, frame_ms: float, expected: int) -> list[int] | None:
