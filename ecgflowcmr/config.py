@@ -503,7 +503,8 @@ def _validate(cfg: Config) -> None:
     _require(d.phantom_version in (1, 2), "data.phantom_version", f"must be 1 or 2, got {d.phantom_version}")
     _require(len(d.phantom_prevalence) == 3 and all(x >= 0 for x in d.phantom_prevalence)
              and abs(sum(d.phantom_prevalence) - 1) < 1e-6,
-             "data.phantom_prevalence", "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
+             "data.phantom_prevalence",
+             "must be three non-negative shares (normal, dilated, hypertrophic) summing to 1")
     _require(d.ecg_length_tolerance_s >= 0, "data.ecg_length_tolerance_s", "must be >= 0")
     _require(d.crop_mm >= 0, "data.crop_mm", "must be >= 0 (0: the relative crop)")
     _require(d.ukb_instance in (2, 3), "data.ukb_instance",
