@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         "centre_error_mm_by_class": {c: round(float(g["centre_error_mm"].median()), 2)
                                      for c, g in table.groupby("class")},
         "lv_cut_subjects": int((table["lv_pixels_cut"] > 0).sum()),
-        "lv_margin_mm_min": round(float(lv_worst["lv_margin_mm"]), 2), "lv_margin_worst_subject": lv_worst["subject_id"],
+        "lv_margin_mm_min": round(float(lv_worst["lv_margin_mm"]), 2),
+        "lv_margin_worst_subject": lv_worst["subject_id"],
         "heart_cut_subjects": int((table["heart_pixels_cut"] > 0).sum()),
         "heart_margin_mm_min": round(float(heart_worst["heart_margin_mm"]), 2),
         "heart_margin_worst_subject": heart_worst["subject_id"],

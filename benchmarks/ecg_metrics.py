@@ -165,7 +165,8 @@ def main(argv=None) -> dict:
     if args.data is not None:
         dataset = ECGPhaseDataset(args.data, args.split)
         ecgs = np.stack([dataset[i]["ecg"].numpy() for i in range(len(dataset))])
-        sets[f"phantom {args.split} (n={len(dataset)})"] = (ecgs, [dataset.rpeaks(i) for i in range(len(dataset))], None)
+        sets[f"phantom {args.split} (n={len(dataset)})"] = (
+            ecgs, [dataset.rpeaks(i) for i in range(len(dataset))], None)
         timing_ecgs.append(ecgs[:64])
     if args.wfdb is not None:
         names, ecgs = read_wfdb_folder(args.wfdb)

@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     n = len(real)
     frames = int(real.cines.shape[0] * real.cines.shape[1])
     report = {"device": str(device), "torch_threads": torch.get_num_threads(), "n_real_videos": n,
-              "n_fake_videos": len(fake), "frames_per_video": int(real.cines.shape[1]), "total_seconds": round(total, 1),
+              "n_fake_videos": len(fake), "frames_per_video": int(real.cines.shape[1]),
+              "total_seconds": round(total, 1),
               "metrics": {}}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)

@@ -195,13 +195,15 @@ def main(argv=None) -> int:
                 per_step, measured, how = (seconds / steps, cpu / steps), steps, "measured"
             entry["steps"][str(steps)] = {"seconds_per_video": seconds / args.batch,
                                           "cpu_seconds_per_video": cpu / args.batch, "peak_mib": mib, "how": how}
-            print(f"  {steps:>2} Euler steps: {seconds / args.batch:8.2f} s/video wall, {cpu / args.batch:8.2f} CPU-s/video,"
+            print(f"  {steps:>2} Euler steps: {seconds / args.batch:8.2f} s/video wall,"
+                  f" {cpu / args.batch:8.2f} CPU-s/video,"
                   f" peak {mib:7.0f} MiB  ({how})", flush=True)
         if not args.no_decode:
             entry["encoder_seconds_per_video"] = time_encoder(cfg, args.batch, device)
             entry["decode_seconds_per_video"], entry["decode_peak_mib"] = time_decode(cfg, device)
             print(f"  encoder {entry['encoder_seconds_per_video']:.3f} CPU-s/video; VAE decode "
-                  f"{entry['decode_seconds_per_video']:.2f} CPU-s/video (peak {entry['decode_peak_mib']:.0f} MiB)", flush=True)
+                  f"{entry['decode_seconds_per_video']:.2f} CPU-s/video"
+                  f" (peak {entry['decode_peak_mib']:.0f} MiB)", flush=True)
         if size == "demo":
             entry["train_step"] = time_train_step(cfg, device)
             ts = entry["train_step"]

@@ -51,9 +51,11 @@ def main(argv=None) -> int:
     gpu_bytes = args.gpu_gb * 1e9
     short = [s.stage for s in stages if s.headroom(gpu_bytes) < args.min_headroom]
     flow = stages[-1]
+    sequences = (flow.infer_batch * (2 if cfg.infer.guidance != 1 else 1)
+                 * (cfg.data.image_size // 8 // cfg.flow.patch_size) ** 2)
     print(f"\nflow: {flow.train.activations / flow.batch / 2**30:.2f} GiB of activations per video in a training "
           f"step; generation: {cfg.infer.steps} {cfg.infer.sampler} steps, guidance {cfg.infer.guidance}, "
-          f"temporal-attention sequences per DiT call {flow.infer_batch * (2 if cfg.infer.guidance != 1 else 1) * (cfg.data.image_size // 8 // cfg.flow.patch_size) ** 2}")
+          f"temporal-attention sequences per DiT call {sequences}")
     print(f"every stage leaves >= {args.min_headroom:.0%} of {args.gpu_gb:.0f} GB: "
           f"{'yes' if not short else 'NO (' + ', '.join(short) + ')'}   [{time.time() - t0:.0f} s to plan]")
     if args.measure:

@@ -45,7 +45,8 @@ def train_curve(cfg_path: str, cfg, variant: str, steps: list[int], extra: list[
     run_dir = base / "curves" / variant
     overrides, retrain = bench.TRAINED[variant]
     if retrain:
-        raise SystemExit(f"variant '{variant}' retrains {' and '.join(retrain)}; learning curves take flow-only variants")
+        raise SystemExit(f"variant '{variant}' retrains {' and '.join(retrain)}; "
+                         "learning curves take flow-only variants")
     for _, folders in bench.STAGES.values():
         for folder in folders:
             bench.link(base / folder, run_dir / folder)

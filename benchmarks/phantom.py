@@ -461,7 +461,8 @@ def write_table(rows: dict, extra: dict, out: Path, cfg_path: str) -> str:
         lines.append(f"| {name} | " + " | ".join(fmt(row.get(c)) for c in cols) + " |")
     lines += ["", "PSNR/SSIM/LPIPS paired with the real test cine; FID/FVD n/a where the weights are absent "
               "(see evaluation.py); ES-frame error (frames, median) and area-EF MAE (points) against the "
-              "phantom's ground truth, es_frame_corr / ef_area_corr = Pearson r of generated and true ES frame / area-EF over "
+              "phantom's ground truth, es_frame_corr / ef_area_corr = Pearson r of generated and true "
+              "ES frame / area-EF over "
               "subjects (n/a: not scored by this version or a constant); "
               "curve correlation (per video, then mean) against the ground-truth mask curves.", ""]
     if any(r.get("per_class") for r in rows.values()):
@@ -545,7 +546,8 @@ def main() -> None:
     ecg = np.asarray(scorer.prepared.ecg[scorer.test], dtype=np.float32)
     inf, seed, batch = cfg.infer, cfg.infer.seed, cfg.infer.batch_size
     rows: dict[str, dict] = {}
-    extra = {"config": args.config, "test_config": args.test_config or args.config, "segmenter": scorer.seg_info, "checkpoints": {k: str(v) for k, v in ckpts.items()},
+    extra = {"config": args.config, "test_config": args.test_config or args.config, "segmenter": scorer.seg_info,
+             "checkpoints": {k: str(v) for k, v in ckpts.items()},
              "infer": {"sampler": inf.sampler, "steps": inf.steps, "guidance": inf.guidance, "seed": seed},
              "device": str(device), "torch_threads": torch.get_num_threads()}
 
@@ -590,8 +592,8 @@ def main() -> None:
         record("ecg_regressor" + suffix,
                scorer.score(np.concatenate(out_cines), (time.perf_counter() - t0) / max(1, len(ecg))))
     if "nearest_neighbour" in wanted:
-        record("nearest_neighbour", scorer.score(*nearest_neighbour(model("full"), scorer.train_prepared, scorer.prepared,
-                                                                     scorer.test, batch)))
+        record("nearest_neighbour", scorer.score(*nearest_neighbour(model("full"), scorer.train_prepared,
+                                                                     scorer.prepared, scorer.test, batch)))
     if "template_only" in wanted:
         record("template_only", scorer.score(template_only(model("full"), len(scorer.ids)), None))
     if "population_mean" in wanted:

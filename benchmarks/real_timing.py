@@ -95,8 +95,9 @@ def generated_es_fraction(gen, segmenter, ecgs: np.ndarray, ids: list[str], samp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--config", default="configs/phantom_bench.yaml")
-    parser.add_argument("--checkpoint", default="", help="flow checkpoint (default <run_dir>/flow/best.pt; "
-                                                           "'none': the ECG measures and their phantom calibration only)")
+    parser.add_argument("--checkpoint", default="",
+                        help="flow checkpoint (default <run_dir>/flow/best.pt; "
+                             "'none': the ECG measures and their phantom calibration only)")
     parser.add_argument("--wfdb", type=Path, default=Path("examples/ecg"))
     parser.add_argument("--mitdb", type=Path, default=Path("tests/data/mitdb-100/100"))
     parser.add_argument("--samples", type=int, default=4)

@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     summary = {"runs": runs, "cpu_ms_per_participant_breakdown": breakdown, "workers": args.workers,
                "cpus": os.cpu_count(),
                "40k_hours_at_measured_rate": round(40000 / largest["participants_per_s"] / 3600, 2),
-               "40k_hours_cpu_bound_on_2_free_cores": round(40000 * largest["cpu_ms_per_participant"] / 1000 / 2 / 3600, 2),
+               "40k_hours_cpu_bound_on_2_free_cores": round(
+                   40000 * largest["cpu_ms_per_participant"] / 1000 / 2 / 3600, 2),
                "command": "python benchmarks/ukb_bulk_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.json) if args.json else Path(args.work) / "ukb_bulk_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -346,7 +346,8 @@ def generation_batch(cfg, batch: int, on_cuda: bool, steps: int | None = None):
             tokens = feats[:, :cfg.ecg.num_tokens]      # ROI-Align's cost is negligible beside the DiT
             z = torch.randn(rows, *latent)
             for _ in range(evals):
-                v = dit(z, torch.rand(rows), tokens.repeat(rows // batch, 1, 1), tokens.mean(1).repeat(rows // batch, 1))
+                v = dit(z, torch.rand(rows), tokens.repeat(rows // batch, 1, 1),
+                        tokens.mean(1).repeat(rows // batch, 1))
                 z = (z + 0.1 * v.float())[:rows]
             for lo in range(0, batch, 4):
                 vae.decode(z[lo:lo + 4]).float()

@@ -4,8 +4,8 @@
     torchrun --nproc_per_node 4 train_flow.py --config configs/ukb.yaml
 
 Re-running continues an unfinished run of the same configuration (or does nothing when it is
-complete); --fresh starts over. Needs runs/<exp>/ecg/best.pt (train_ecg.py), runs/<exp>/vae/best.pt and runs/<exp>/latents/
-(train_disentangle_vae3d.py). Writes runs/<exp>/flow/{best,last}.pt; see ecgflowcmr/flow/trainer.py.
+complete); --fresh starts over. Needs runs/<exp>/ecg/best.pt (train_ecg.py), runs/<exp>/vae/best.pt and
+runs/<exp>/latents/ (train_disentangle_vae3d.py). Writes runs/<exp>/flow/{best,last}.pt; see ecgflowcmr/flow/trainer.py.
 """
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ def main(data_root: str, out_dir: str) -> None:
     prepared = Prepared(data_root)
     ConditionCache.build(out / "cache", encoder, prepared.ecg, prepared.split_indices("train"), device,
                          batch_size=2)
-    (out / f"rank{dist.rank()}.json").write_text(json.dumps({"world": dist.world_size(), **encoded,
-                                                             "rows": int(np.load(out / "cache" / "tokens.npy").shape[0])}))
+    (out / f"rank{dist.rank()}.json").write_text(json.dumps({
+        "world": dist.world_size(), **encoded,
+        "rows": int(np.load(out / "cache" / "tokens.npy").shape[0])}))
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ def test_folds_and_balanced_cohorts():
     fold = D.stratified_folds(classes, len(classes), 5, seed=0)
     assert np.bincount(fold).tolist() == [4, 4, 4, 4, 4]
     for c in ("normal", "dilated", "hypertrophic"):
-        assert np.bincount(fold[classes == c], minlength=5).max() - np.bincount(fold[classes == c], minlength=5).min() <= 1
+        assert (np.bincount(fold[classes == c], minlength=5).max()
+                - np.bincount(fold[classes == c], minlength=5).min()) <= 1
     cohorts = D.balanced_cohorts(classes, "normal", seed=0)
     assert sorted(cohorts) == ["dilated_vs_normal", "hypertrophic_vs_normal"]
     for task, members in cohorts.items():
@@ -147,9 +148,11 @@ def test_real_n_takes_a_seeded_subset_of_the_real_pretraining_cines():
 def test_paired_difference_against_hand_computed_values():
     from ecgflowcmr.downstream.finetune import paired_difference
 
-    row = {"folds": {"0": {"n_test": 5, "t": {"acc": 0.8, "auc": 0.9}}, "1": {"n_test": 5, "t": {"acc": 0.6, "auc": 0.7}},
+    row = {"folds": {"0": {"n_test": 5, "t": {"acc": 0.8, "auc": 0.9}},
+                     "1": {"n_test": 5, "t": {"acc": 0.6, "auc": 0.7}},
                      "2": {"n_test": 5, "t": {"acc": 1.0, "auc": 0.5}}}}
-    real = {"folds": {"0": {"n_test": 5, "t": {"acc": 0.7, "auc": 0.9}}, "1": {"n_test": 5, "t": {"acc": 0.3, "auc": 0.6}}}}
+    real = {"folds": {"0": {"n_test": 5, "t": {"acc": 0.7, "auc": 0.9}},
+                      "1": {"n_test": 5, "t": {"acc": 0.3, "auc": 0.6}}}}
     diff = paired_difference(row, real)                     # fold 2 is not in the reference: left out
     assert diff["t"]["acc"]["n"] == 2
     assert diff["t"]["acc"]["mean"] == pytest.approx(0.2)   # (0.1 + 0.3) / 2
@@ -434,7 +437,8 @@ def test_tiny_run_with_a_linear_probe_and_scarce_real_cines(tmp_path, seen):
     md = (out / "downstream.md").read_text()
     assert "linearly probed" in md and "Paired difference to MAE on real" in md
     assert "| MAE + oracle | 100 % | " in md.split("Against MAE on real")[1]
-    assert result["rows"]["oracle_100"]["vs_real_tally"]["columns"] == 10     # (3 class tasks + 2 phenotypes) x 2 metrics
+    # (3 class tasks + 2 phenotypes) x 2 metrics
+    assert result["rows"]["oracle_100"]["vs_real_tally"]["columns"] == 10
     assert "vs_real" not in result["rows"]["real"]
     assert result["rows"]["oracle_100"]["vs_real"]["ef_area"]["mae"]["n"] == 3
 
@@ -455,7 +459,8 @@ def test_undrawn_pool_subjects_join_the_labelled_set_and_are_never_drawn(tmp_pat
     assert main(args + ["--only", "scratch,real"]) == 0
     assert json.loads((out / "subjects.json").read_text())["labelled"] == subjects
     # the table keeps the plan's order, whatever ran first
-    assert list(json.loads((out / "downstream.json").read_text())["rows"]) == ["scratch", "real", "oracle_50", "oracle_100"]
+    assert (list(json.loads((out / "downstream.json").read_text())["rows"])
+            == ["scratch", "real", "oracle_50", "oracle_100"])
     pool_ids = json.loads((out / "pool" / "pool.json").read_text())["subjects"]
     assert len(pool_ids) == 10
     drawn = {pool_ids[e] for e in seen["pool"]}
@@ -494,7 +499,8 @@ def test_jobs_pretrain_rows_in_worker_processes_with_the_same_data(tmp_path):
     assert "oracle_100: pretraining" in logs[1].read_text() and "real: pretraining" not in logs[1].read_text()
 
     def fingerprints(out):
-        return {p.parent.name: torch.load(p, weights_only=True)["fingerprint"] for p in (out / "pretrain").rglob("encoder.pt")}
+        return {p.parent.name: torch.load(p, weights_only=True)["fingerprint"]
+                for p in (out / "pretrain").rglob("encoder.pt")}
 
     assert fingerprints(par) == fingerprints(seq) and len(fingerprints(par)) == 3
     rows = json.loads((par / "downstream.json").read_text())["rows"]

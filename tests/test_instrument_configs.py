@@ -14,7 +14,8 @@ from ecgflowcmr.config import config_from_dict, load_config
 from .conftest import ROOT
 
 BEFORE = {name: config_from_dict(values).to_dict()
-          for name, values in json.loads((ROOT / "tests" / "data" / "resolved_configs_v1_era.json").read_text()).items()}
+          for name, values in json.loads(
+              (ROOT / "tests" / "data" / "resolved_configs_v1_era.json").read_text()).items()}
 
 
 def resolved(name: str) -> dict:

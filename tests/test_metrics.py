@@ -409,7 +409,8 @@ def test_curve_metrics_closed_forms():
     ref = 1000 - 400 * np.sin(np.pi * np.clip(t / 20, 0, 1)) ** 2 * (t < 20) - 400 * (t >= 20) * np.exp(-(t - 20) / 8.0)
     ref = np.maximum(ref, 500)[None]
     same = functional.compare_curves(ref, ref)
-    assert same["es_frame_error"][0] == 0 and same["ef_area_error"][0] == 0 and same["curve_corr"][0] == pytest.approx(1)
+    assert (same["es_frame_error"][0] == 0 and same["ef_area_error"][0] == 0
+            and same["curve_corr"][0] == pytest.approx(1))
     shifted = functional.compare_curves(np.roll(ref, 3, axis=1), ref)
     assert shifted["es_frame_error"][0] == 3
     assert functional.circular_frame_error(1, 49) == 2

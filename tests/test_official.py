@@ -184,7 +184,8 @@ def test_sizes_that_do_not_fit_name_the_keys_and_the_flags(official_files, tmp_p
     assert "keys missing: 'blocks.2." in err and "--dit-depth" in err
     sizes = dict(_reference()["meta"]["sizes"], ecg_dim=32)
     assert _convert(official_files, tmp_path / "run", sizes=sizes) == 2
-    assert "shapes differ: 'feature_proj.weight' (24, 64, 1) in the file, (32, 64, 1) expected" in capsys.readouterr().err
+    assert ("shapes differ: 'feature_proj.weight' (24, 64, 1) in the file, (32, 64, 1) expected"
+            in capsys.readouterr().err)
 
 
 def test_template_shapes(official_files, tmp_path, capsys):

@@ -124,7 +124,8 @@ def test_encoder_api_shapes_and_gradients():
     out = enc(ecg)
     assert isinstance(out, CycleOutput)
     assert out.tokens.shape == (2, 50, enc.dim) and out.pooled.shape == (2, enc.dim)
-    assert out.phase.shape == (2, L) and float(out.phase.detach().min()) >= 0 and float(out.phase.detach().max()) < 2 * math.pi
+    assert (out.phase.shape == (2, L) and float(out.phase.detach().min()) >= 0
+            and float(out.phase.detach().max()) < 2 * math.pi)
     assert out.start.dtype == torch.int64 and out.end.dtype == torch.int64 and out.fallback.dtype == torch.bool
     assert (out.end > out.start).all()
     out.tokens.sum().backward()                    # differentiable wrt the encoder (stage 3 fine-tunes)

@@ -50,7 +50,8 @@ def test_every_stage_trains_under_two_process_ddp_and_resumes_on_one(tmp_path, m
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0] == ranks[1]           # every rank validated to the same numbers
-    runs = {"ecg": ("ecg_run/ecg", "mask_rng", 2), "vae": ("vae_run/vae", None, 1), "flow": ("flow_run/flow", "flow_rng", 2)}
+    runs = {"ecg": ("ecg_run/ecg", "mask_rng", 2), "vae": ("vae_run/vae", None, 1),
+            "flow": ("flow_run/flow", "flow_rng", 2)}
     for stage, (folder, rng_key, steps) in runs.items():
         ckpt = torch.load(tmp_path / folder / "last.pt", weights_only=True)
         assert (ckpt["step"], ckpt["epoch"], ckpt["extra"]["epoch_step"]) == (steps, steps, 0), stage

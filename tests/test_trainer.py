@@ -56,7 +56,8 @@ def make_trainer(out_dir, stage=None, **settings):
 
 def weights(path):
     ckpt = torch.load(path, weights_only=True)
-    return ckpt, {**{f"model.{k}": v for k, v in ckpt["model"].items()}, **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
+    return ckpt, {**{f"model.{k}": v for k, v in ckpt["model"].items()},
+                  **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
 
 
 def test_resume_inside_an_epoch_gives_the_same_weights_as_a_straight_run(tmp_path):

@@ -918,7 +918,8 @@ def load_cine(path: str | Path) -> np.ndarray:
     if missing:
         _fill(frames, present, missing)
     for op in index["ops"]:
-        frames = frames.swapaxes(1, 2) if op == "transpose" else frames[:, ::-1] if op == "flip0" else frames[:, :, ::-1]
+        frames = (frames.swapaxes(1, 2) if op == "transpose"
+                  else frames[:, ::-1] if op == "flip0" else frames[:, :, ::-1])
     return np.ascontiguousarray(frames)
 
 

@@ -77,7 +77,8 @@ def run(cfg: Config, only: list[str] | None = None, log=print, prepare_only: boo
         "pretrain_real": prepared.subject_ids(subjects.pretrain)}, indent=0))
     log(f"downstream: {len(labelled_ids)} labelled subjects"
         + (f" ({len(extra[0])} of them from the pool)" if extra else "")
-        + f" ({ds.folds} folds), {n_real} real pretraining cines, {ds.probe} evaluation, rows {[r for r, _, _ in rows]}")
+        + f" ({ds.folds} folds), {n_real} real pretraining cines, {ds.probe} evaluation,"
+          f" rows {[r for r, _, _ in rows]}")
     sources, draws = _synthetic_sources(cfg, synthetic_rows, pool, prepared, subjects, extra, out, device, log)
     if prepare_only:
         return {}
@@ -174,7 +175,8 @@ def run_parallel(cfg: Config, config_path: str, overrides: list[str], jobs: int,
         log(f"downstream: worker {k} pretrains {group} (log: {path})")
         with open(path, "w") as fh:
             workers.append((path, subprocess.Popen(
-                [sys.executable, "-m", "ecgflowcmr.downstream", "--config", config_path, "--only", ",".join(group), *overrides],
+                [sys.executable, "-m", "ecgflowcmr.downstream", "--config", config_path,
+                 "--only", ",".join(group), *overrides],
                 stdout=fh, stderr=subprocess.STDOUT, env=env)))
     failed = [path for path, proc in workers if proc.wait() != 0]
     if failed:

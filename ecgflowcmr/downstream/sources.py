@@ -100,7 +100,8 @@ def load_pool(cfg, out_dir: Path, exclude_ids: set[str], log=print) -> Pool:
         # streamed into a memmap of the pool's size, then cut to the readable rows: a large pool
         # never sits in memory
         tmp = folder / "ecg.tmp.npy"
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(max(1, len(items)), NUM_LEADS, ECG_SAMPLES))
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                          shape=(max(1, len(items)), NUM_LEADS, ECG_SAMPLES))
         kept, skipped = [], []
         for i, item in enumerate(tqdm(items, desc="reading the ECG-only pool", unit="ECG")):
             if item.subject in exclude_ids:

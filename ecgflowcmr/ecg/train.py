@@ -3,7 +3,8 @@
 Reads ``<data root>`` (``prepare_data.py``; with ``data.unpaired_ecg`` also its ECG-only records in
 ``<data root>/unpaired``, added to the training split), writes ``runs/<exp>/ecg/``: ``best.pt`` (lowest
 validation loss), ``last.pt`` (every epoch, and when ``max_steps`` stops the run), ``config.yaml``,
-``train.log``, ``log.jsonl`` (one line per epoch, with the validation metrics where it validated) and ``figures/{reconstruction,phase}.png``.
+``train.log``, ``log.jsonl`` (one line per epoch, with the validation metrics where it validated) and
+``figures/{reconstruction,phase}.png``.
 
 Resuming: ``--resume`` continues from ``last.pt`` exactly (model, optimiser, scheduler, step, RNG,
 and the position inside the epoch). Without flags, an existing ``last.pt`` of the same
@@ -110,7 +111,8 @@ class ECGStage(Stage):
         e, device = self.e, self.device
         ecg, label, target = batch["ecg"], batch["phase"], None          # (B, 12, 5000), (B, P, 2)
         if e.augment:       # drawn from (seed, rank, step): a resumed run draws the same
-            ecg, label, clean = augment_batch(ecg, batch["rpeaks"], np.random.default_rng([self.cfg.seed, rank(), step]),
+            ecg, label, clean = augment_batch(ecg, batch["rpeaks"],
+                                              np.random.default_rng([self.cfg.seed, rank(), step]),
                                               fraction=e.augment_fraction)
             target = clean.to(device, non_blocking=True) if e.augment_denoise else None
         ecg = ecg.to(device, non_blocking=True)

@@ -279,7 +279,8 @@ class FlowDiT(nn.Module):
         if drop is None:
             return ecg_tokens, ecg_pooled
         keep = (~drop.bool()).to(ecg_tokens.dtype)
-        tokens = ecg_tokens * keep[:, None, None] + self.null_tokens.to(ecg_tokens.dtype)[None] * (1 - keep[:, None, None])
+        tokens = (ecg_tokens * keep[:, None, None]
+                  + self.null_tokens.to(ecg_tokens.dtype)[None] * (1 - keep[:, None, None]))
         pooled = ecg_pooled * keep[:, None] + self.null_pooled.to(ecg_pooled.dtype)[None] * (1 - keep[:, None])
         return tokens, pooled
 

@@ -108,7 +108,8 @@ class LatentSplit(MemmapPickling):
         index = index.sort_values("row")
         if len(index) != self.z.shape[0] or not np.array_equal(index["row"].to_numpy(), np.arange(len(index))):
             raise ValueError(f"'{latents_dir / f'{split}_index.csv'}' does not list rows 0..{self.z.shape[0] - 1} "
-                             f"of {split}.npy; re-run the latent extraction (train_disentangle_vae3d.py --extract-only)")
+                             f"of {split}.npy; re-run the latent extraction "
+                             "(train_disentangle_vae3d.py --extract-only)")
         self.prepared_index = index["index"].to_numpy().astype(np.int64)
         self.subject_ids = index["subject_id"].astype(str).tolist()
 
@@ -561,7 +562,8 @@ class FlowStage(Stage):
                               "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight}})
         if self.anchor_head is not None:
             ckpt["anchor_head"] = {"arch": dict(self.anchor_head.arch), "fit": self.anchor_fit,
-                                   "state_dict": {k: v.detach().cpu() for k, v in self.anchor_head.state_dict().items()}}
+                                   "state_dict": {k: v.detach().cpu()
+                                                  for k, v in self.anchor_head.state_dict().items()}}
         return ckpt
 
     def check_resumable(self, ckpt: dict, path: Path) -> None:
@@ -642,7 +644,8 @@ def _train(run: StageRun, stop_after_epochs: int | None) -> dict:
     del ckpt, run.ckpt                  # the optimizer state it holds is in the trainer now
     started = time.time()
     state = trainer.fit(stop_after_epochs)
-    summary = {"epochs": state.epoch, "steps": state.step, "best_val_loss": state.best if state.best < math.inf else None,
+    summary = {"epochs": state.epoch, "steps": state.step,
+               "best_val_loss": state.best if state.best < math.inf else None,
                "first_train_loss": trainer.first_loss, "history": state.history, "seconds": time.time() - started,
                "dit_parameters": n_params, "encoder": "fine-tuned" if fl.ecg_finetune else "frozen",
                "best": str(trainer.best_path), "last": str(last_path)}

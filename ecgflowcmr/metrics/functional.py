@@ -2,9 +2,10 @@
 
 Segmenter: a small 2D U-Net (``SegUNet``, half resolution, 3 levels) trained on the *real* cines
 and ground-truth masks of the prepared train split (labels 0 bg, 1 LV, 2 RV, 3 LA, 4 RA,
-5 myocardium), validated on the val split (per-class Dice written to metrics.json). It never sees a generated cine while training, so it
-measures generated videos and real videos with one ruler. It is cached next to the evaluation
-outputs (``segmenter.pt``, plain tensors) and retrained only when the prepared data changes.
+5 myocardium), validated on the val split (per-class Dice written to metrics.json). It never sees a
+generated cine while training, so it measures generated videos and real videos with one ruler. It
+is cached next to the evaluation outputs (``segmenter.pt``, plain tensors) and retrained only when
+the prepared data changes.
 
 From the LV label per frame:
 - LV area curve A(t), t = 0..49 (pixels), frame 0 = R-peak = end-diastole;

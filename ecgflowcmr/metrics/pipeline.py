@@ -331,7 +331,8 @@ def _weight_info(weight, injected_note: str) -> dict:
 
 def _paired_summary(values: np.ndarray, boot_pairs, n_frames: int, variant: str, unit: str = "") -> dict:
     v = np.asarray(values, dtype=np.float64)
-    entry = {"available": True, "value": float(v.mean()), "std_over_videos": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+    entry = {"available": True, "value": float(v.mean()),
+             "std_over_videos": float(v.std(ddof=1)) if v.size > 1 else 0.0,
              "variant": variant, "n_videos": int(v.size), "n_frames": int(n_frames)}
     if unit:
         entry["unit"] = unit

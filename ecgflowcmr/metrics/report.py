@@ -78,7 +78,8 @@ def metric_table(result: dict) -> list[str]:
             n = f"{e.get('n_videos')} pairs, {e.get('n_frames')} frames"
             variant = e.get("variant", "")
         w = e.get("weights") or {}
-        wtxt = f"`{w.get('file')}` sha256 {str(w.get('sha256', ''))[:12]}…" if w.get("sha256") else (w.get("note") or "")
+        wtxt = (f"`{w.get('file')}` sha256 {str(w.get('sha256', ''))[:12]}…" if w.get("sha256")
+                else (w.get("note") or ""))
         unit = f" {e['unit']}" if e.get("unit") else ""
         lines.append(f"| {name.upper()} | {_fmt(e.get('value'))}{unit} | {_ci(e)} | {variant} | {n} | {wtxt} |")
     return lines
@@ -114,8 +115,10 @@ def functional_lines(result: dict) -> list[str]:
                      f"{_fmt(e.get('curve_corr'), 3)} | {_fmt(e.get('curve_rmse_rel'), 3)} | {n} |")
     if "distributions" in f:
         d = f["distributions"]
-        lines += ["", f"Unpaired: area EF real {_fmt(d['real']['ef_area_mean'], 3)} ± {_fmt(d['real']['ef_area_std'], 3)}, "
-                      f"generated {_fmt(d['generated']['ef_area_mean'], 3)} ± {_fmt(d['generated']['ef_area_std'], 3)}."]
+        lines += ["", f"Unpaired: area EF real {_fmt(d['real']['ef_area_mean'], 3)} ± "
+                      f"{_fmt(d['real']['ef_area_std'], 3)}, "
+                      f"generated {_fmt(d['generated']['ef_area_mean'], 3)} ± "
+                      f"{_fmt(d['generated']['ef_area_std'], 3)}."]
     return lines + [""]
 
 
@@ -244,8 +247,9 @@ def write_outputs(result: dict, out_dir: str | Path, command: str | None = None)
         lines += ["### Unavailable metrics and how to enable them", ""]
         for k, v in unavailable:
             lines.append(f"- **{k.upper()}**: {v.get('reason')}: put `{v['file']}` (from {v['url']}) into "
-                         f"`{v['put_it_in']}`" + (" (also accepted: " + ", ".join(a["file"] for a in v["also_accepted"]) + ")"
-                                                  if v.get("also_accepted") else "") + ".")
+                         f"`{v['put_it_in']}`"
+                         + (" (also accepted: " + ", ".join(a["file"] for a in v["also_accepted"]) + ")"
+                            if v.get("also_accepted") else "") + ".")
         lines.append("")
     lines += functional_lines(public)
     if grid:
