@@ -13,7 +13,7 @@ Every real ECG record the repository ships:
     benchmarks feed it). One subject: its windows vary in rate only a little, and ten zero leads are far from
     anything the model trained on; it is reported apart from PTB-XL.
 Per ECG, from the ECG itself (lead II, neurokit2 ``ecg_clean`` + ``ecg_delineate`` (dwt) at the R-peaks of
-``ecg.phase.detect_rpeaks``): the median over beats of RT / RR (R-peak to T end, as a share of the R-R
+``data.phase.detect_rpeaks``): the median over beats of RT / RR (R-peak to T end, as a share of the R-R
 interval: where end-systole should fall in a cine whose frame 0 is the R-peak) and QT / RR (QRS onset to T
 end). Generated: ``--samples`` cines per ECG, the ES frame (the smallest LV area the bench's segmenter reads)
 over 50, averaged over samples. Reported: Pearson r of generated ES fraction vs RT / RR and QT / RR per set.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecgflowcmr.config import load_config  # noqa: E402
 from ecgflowcmr.data.datasets import Prepared  # noqa: E402
-from ecgflowcmr.ecg.phase import detect_rpeaks  # noqa: E402
+from ecgflowcmr.data.phase import detect_rpeaks  # noqa: E402
 from ecgflowcmr.metrics import functional  # noqa: E402
 from ecgflowcmr.metrics.linear import pearson  # noqa: E402
 

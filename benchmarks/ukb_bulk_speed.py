@@ -131,7 +131,7 @@ def _breakdown(phantom: Path, work: Path, crop_mm: float, n: int = 20) -> dict:
     from ecgflowcmr.data import ukb_bulk as ub
     from ecgflowcmr.data.cmr_io import read_cine
     from ecgflowcmr.data.ecg_io import read_ecg
-    from ecgflowcmr.ecg.phase import detect_rpeaks
+    from ecgflowcmr.data.phase import detect_rpeaks
     from ecgflowcmr.phantom.ukb_bulk import EID_START
 
     cfg = config_from_dict({"name": "speed", "run_dir": str(work / "breakdown"),
