@@ -97,3 +97,29 @@ def test_the_checks_see_an_upward_import(tmp_path):
     (tmp_path / "x.py").write_text("def f():\n    from ..flow.y import g\n")
     assert _imports("ecgflowcmr.data.x", mods["ecgflowcmr.data.x"], mods) == {"ecgflowcmr.flow.y"}
     assert LAYER[_unit("ecgflowcmr.flow.y")] > LAYER[_unit("ecgflowcmr.data.x")]
+
+
+def _import_targets(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
+    """(line, module, names) of every ``from ... import`` in a file, relative ones resolved."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                module = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            out.append((node.lineno, module, [alias.name for alias in node.names]))
+    return out
+
+
+def test_every_import_of_the_package_names_a_module_that_exists():
+    """After a module moves, no import (function-local ones, benchmarks and tests included) still
+    names its old place: each ``from ecgflowcmr.X import Y`` finds X as a module of the package."""
+    mods = _modules()
+    files = [(p, m if p.name == "__init__.py" else m.rsplit(".", 1)[0]) for m, p in mods.items()]
+    files += [(p, "") for folder in ("benchmarks", "tests") for p in (ROOT / folder).rglob("*.py")]
+    stale = [f"{path.relative_to(ROOT)}:{line} {module}"
+             for path, package in files for line, module, _ in _import_targets(path, package)
+             if module.startswith("ecgflowcmr") and module not in mods]
+    assert not stale, "imports of modules that do not exist:\n" + "\n".join(stale)
