@@ -37,19 +37,26 @@ def _imports(name: str, path: Path, mods: dict) -> set[str]:
     """The ecgflowcmr modules ``name`` imports (anywhere in the file)."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
+    for _, target, names in _import_targets(path, package):
+        out.update(f"{target}.{n}" if f"{target}.{n}" in mods else target for n in names)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+    return {m for m in out if m in mods and m != name}
+
+
+def _import_targets(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
+    """(line, module, names) of every ``from ... import`` in a file, relative ones resolved."""
+    out = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
-                target = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                module = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
             else:
-                target = node.module or ""
-            for alias in node.names:
-                sub = f"{target}.{alias.name}"
-                out.add(sub if sub in mods else target)
-        elif isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-    return {m for m in out if m in mods and m != name}
+                module = node.module or ""
+            out.append((node.lineno, module, [alias.name for alias in node.names]))
+    return out
 
 
 def _unit(module: str) -> str:
@@ -97,20 +104,6 @@ def test_the_checks_see_an_upward_import(tmp_path):
     (tmp_path / "x.py").write_text("def f():\n    from ..flow.y import g\n")
     assert _imports("ecgflowcmr.data.x", mods["ecgflowcmr.data.x"], mods) == {"ecgflowcmr.flow.y"}
     assert LAYER[_unit("ecgflowcmr.flow.y")] > LAYER[_unit("ecgflowcmr.data.x")]
-
-
-def _import_targets(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
-    """(line, module, names) of every ``from ... import`` in a file, relative ones resolved."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                module = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            out.append((node.lineno, module, [alias.name for alias in node.names]))
-    return out
 
 
 def test_every_import_of_the_package_names_a_module_that_exists():

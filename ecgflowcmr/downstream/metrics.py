@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from ..metrics.linear import auc
+
 
 def accuracy(true: np.ndarray, pred: np.ndarray) -> float:
     true, pred = np.asarray(true), np.asarray(pred)
@@ -14,14 +16,7 @@ def accuracy(true: np.ndarray, pred: np.ndarray) -> float:
 def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC = P(score of a random positive > score of a random negative) + 0.5 P(tie);
     NaN when one class is absent."""
-    positive = np.asarray(positive, dtype=bool)
-    score = np.asarray(score, dtype=np.float64)
-    pos, neg = score[positive], score[~positive]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+    return auc(score, positive)
 
 
 def macro_auc(true: np.ndarray, probs: np.ndarray, classes: list) -> float:
