@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecgflowcmr.config import load_config  # noqa: E402
 from ecgflowcmr.data.datasets import Prepared  # noqa: E402
-from ecgflowcmr.ecg.phase import detect_rpeaks  # noqa: E402
+from ecgflowcmr.data.phase import detect_rpeaks  # noqa: E402
 from ecgflowcmr.metrics import functional  # noqa: E402
 from ecgflowcmr.metrics.linear import pearson  # noqa: E402
 
