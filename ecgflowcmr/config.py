@@ -15,6 +15,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,16 @@ def section_from_dict(section: str, values: dict) -> Any:
     obj = getattr(Config(), section)
     _fill(obj, dict(values), section + ".")
     return obj
+
+
+def section_values(section: Any) -> dict:
+    """A config section as a dict, whether given as its dataclass (``cfg.vae``) or as the dict a
+    checkpoint stores (``ckpt["config"]["vae"]``); anything else is a ``TypeError``."""
+    if dataclasses.is_dataclass(section):
+        return dataclasses.asdict(section)
+    if not isinstance(section, Mapping):
+        raise TypeError(f"expected a config section (dataclass or dict), got {type(section).__name__}")
+    return dict(section)
 
 
 def config_diffs(old: dict, new: dict, section: str, resumable: set[str] | frozenset[str] = frozenset(),

@@ -38,18 +38,20 @@ def _imports(name: str, path: Path, mods: dict) -> set[str]:
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
     for _, target, names in _import_targets(path, package):
+        if not names:                                    # import X
+            out.add(target)
         out.update(f"{target}.{n}" if f"{target}.{n}" in mods else target for n in names)
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
     return {m for m in out if m in mods and m != name}
 
 
 def _import_targets(path: Path, package: str) -> list[tuple[int, str, list[str]]]:
-    """(line, module, names) of every ``from ... import`` in a file, relative ones resolved."""
+    """(line, module, names) of every import in a file: ``from X import a, b`` gives (X, [a, b]),
+    relative ones resolved; ``import X`` gives (X, [])."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
                 module = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))

@@ -243,11 +243,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict:
 
 def load_strict(module, state_dict: dict, source: str) -> None:
     """``module.load_state_dict(strict=True)`` with an error that names the file and the keys."""
+    from ..utils.checkpoint import state_dict_mismatch
+
     own = module.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shape = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    missing, unexpected, differ = state_dict_mismatch(own, state_dict)
+    shape = [f"{k}: file {file_shape} vs model {own_shape}" for k, file_shape, own_shape in differ]
     # BatchNorm's num_batches_tracked is absent from files saved by old PyTorch; it is not a weight.
     missing_real = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing_real or unexpected or shape:

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..utils.checkpoint import state_dict_mismatch
+
 PREFIXES = ("module.", "_orig_mod.")        # DistributedDataParallel, torch.compile
 STATE_KEYS = ("model_state_dict", "state_dict", "model")
 UNUSED_VAE = ("loss.",)                     # the training loss: LPIPS, discriminator, logvar
@@ -106,10 +108,8 @@ def load_into(module: nn.Module, state: dict, path, what: str, sizes_hint: str) 
     """Load ``state`` into ``module`` strictly; a mismatch stops naming the missing, unexpected and
     wrongly shaped keys and the command-line sizes to check (``sizes_hint``)."""
     expected = module.state_dict()
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    shapes = [f"'{k}' {tuple(state[k].shape)} in the file, {tuple(v.shape)} expected"
-              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing, unexpected, differ = state_dict_mismatch(expected, state)
+    shapes = [f"'{k}' {file_shape} in the file, {own_shape} expected" for k, file_shape, own_shape in differ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

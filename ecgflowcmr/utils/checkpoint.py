@@ -89,6 +89,17 @@ def state_hash(state_dict: dict, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def state_dict_mismatch(own: dict, state: dict) -> tuple[list, list, list]:
+    """How ``state`` differs from a module's own state dict ``own``: (keys missing from ``state``,
+    keys ``own`` lacks, ``(key, shape in state, shape in own)`` of the keys whose shapes differ);
+    all empty when a strict load would succeed. Lists follow the dicts' key order."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
 def make_checkpoint(model: torch.nn.Module, optimizer=None, scheduler=None, scaler=None,
                     ema: torch.nn.Module | None = None, step: int = 0, epoch: int = 0,
                     config: dict | None = None, extra: dict | None = None, **more_state) -> dict:

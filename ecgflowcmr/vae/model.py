@@ -28,8 +28,6 @@ Design choices (and why):
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -290,12 +288,10 @@ class VAE3D(nn.Module):
     @classmethod
     def from_config(cls, vae_cfg: Any) -> VAE3D:
         """Build from a ``VAEConfig`` or the ``config["vae"]`` dict stored in a checkpoint."""
-        if dataclasses.is_dataclass(vae_cfg):
-            vae_cfg = dataclasses.asdict(vae_cfg)
-        if not isinstance(vae_cfg, Mapping):
-            raise TypeError(f"expected a VAEConfig or a dict, got {type(vae_cfg).__name__}")
+        from ..config import ConfigError, section_values
+
+        vae_cfg = section_values(vae_cfg)
         if vae_cfg.get("arch", "project") != "project":
-            from ..config import ConfigError
 
             raise ConfigError("config key 'vae.arch': VAE3D is this project's VAE (arch project); "
                               "build_vae builds the official one for the published weights")
@@ -334,8 +330,9 @@ class VAE3D(nn.Module):
 def build_vae(vae_cfg: Any) -> nn.Module:
     """The untrained VAE a ``VAEConfig`` (or checkpoint ``config["vae"]`` dict) names: ``VAE3D``
     (``vae.arch=project``) or the published weights' ``OfficialVAE3D`` (``official``)."""
-    arch = vae_cfg.get("arch", "project") if isinstance(vae_cfg, Mapping) else getattr(vae_cfg, "arch", "project")
-    if arch == "official":
+    from ..config import section_values
+
+    if section_values(vae_cfg).get("arch", "project") == "official":
         from .official import OfficialVAE3D
 
         return OfficialVAE3D.from_config(vae_cfg)

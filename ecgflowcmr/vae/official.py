@@ -24,8 +24,6 @@ How it differs from this project's VAE (``vae/model.py``):
 """
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -225,10 +223,9 @@ class OfficialVAE3D(nn.Module):
     @classmethod
     def from_config(cls, vae_cfg: Any) -> OfficialVAE3D:
         """From a ``VAEConfig`` or the ``config["vae"]`` dict of a checkpoint."""
-        if dataclasses.is_dataclass(vae_cfg):
-            vae_cfg = dataclasses.asdict(vae_cfg)
-        if not isinstance(vae_cfg, Mapping):
-            raise TypeError(f"expected a VAEConfig or a dict, got {type(vae_cfg).__name__}")
+        from ..config import section_values
+
+        vae_cfg = section_values(vae_cfg)
         return cls(vae_cfg["latent_channels"], vae_cfg["base_channels"], vae_cfg["channel_mult"],
                    vae_cfg["num_res_blocks"], vae_cfg.get("z_channels", 0))
 
