@@ -12,6 +12,10 @@ scored on the test split of ``--test-config`` (default: ``--config``'s own test 
       tokens, what conditions the DiT's adaLN), and ``stage1_tokens5``: the tokens averaged in 5 groups of 10
       (phase-resolved). (b) below (a) says that stage 1 loses what the ECG carries; (b) near (a) and the
       generator below both, that the flow does.
+  (c) ``raw_ecg_stage1_rpeaks``: reader (a) with the beats cut at stage 1's R-peaks (its phase wraps)
+      instead of the prepared consensus R-peaks; ``morphology_<k>``: a linear probe of the k-number
+      morphology code (``flow.morphology_dims``, ecg/morphology.py: whitened PCA of those beats fitted on
+      the training ECGs), what the flow is given beside the tokens with that switch.
 Per reader: ridge regression of volume EF and of area EF, L2 logistic regression of volume EF < 40 %,
 the L2 strength chosen by 5-fold cross-validation on the training rows only. Reported on the test set:
   * ``lowef_auc``: AUC of the logistic probability for volume EF < 40 %;
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecgflowcmr.config import load_config  # noqa: E402
 from ecgflowcmr.data.datasets import Prepared  # noqa: E402
+from ecgflowcmr.ecg.morphology import MorphologyCode, beat_features  # noqa: E402
 from ecgflowcmr.metrics import linear as L  # noqa: E402
 
 LOW_EF = 40.0     # volume EF (%) below which a heart counts as a case
@@ -50,14 +55,16 @@ def raw_features(prepared: Prepared, idx: np.ndarray, fs: int) -> np.ndarray:
 
 @torch.no_grad()
 def stage1_features(encoder, prepared: Prepared, idx: np.ndarray, batch: int = 32) -> dict[str, np.ndarray]:
-    pooled, grouped = [], []
+    pooled, grouped, beats = [], [], []
     for s in range(0, len(idx), batch):
         rows = torch.from_numpy(np.asarray(prepared.ecg[idx[s:s + batch]], dtype=np.float32))
         out = encoder(rows)
+        beats.append(beat_features(encoder, rows, out).numpy())
         pooled.append(out.pooled.float().numpy())
         tok = out.tokens.float()                                        # (B, 50, D)
         grouped.append(tok.reshape(tok.shape[0], 5, -1, tok.shape[-1]).mean(2).flatten(1).numpy())
-    return {"stage1_pooled": np.concatenate(pooled), "stage1_tokens5": np.concatenate(grouped)}
+    return {"stage1_pooled": np.concatenate(pooled), "stage1_tokens5": np.concatenate(grouped),
+            "raw_ecg_stage1_rpeaks": np.concatenate(beats)}
 
 
 def truth(prepared: Prepared, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -105,6 +112,8 @@ def main() -> None:
                                                          "(default: --config's own test split)")
     parser.add_argument("--encoder", default="", help="stage-1 checkpoint (default <run_dir>/ecg/best.pt; "
                                                       "'none' skips the stage-1 probes)")
+    parser.add_argument("--morphology-dims", default="16,32,64",
+                        help="comma-separated k: a probe of each k-number morphology code ('' for none)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -125,6 +134,10 @@ def main() -> None:
         a, b = stage1_features(encoder, train_p, train_idx), stage1_features(encoder, test_p, test_idx)
         for key in a:
             feats[key] = (a[key], b[key])
+        for k in [int(v) for v in args.morphology_dims.split(",") if v]:
+            code = MorphologyCode.fit(a["raw_ecg_stage1_rpeaks"], k)
+            feats[f"morphology_{k}"] = tuple(code(torch.from_numpy(x)).numpy()
+                                             for x in (a["raw_ecg_stage1_rpeaks"], b["raw_ecg_stage1_rpeaks"]))
         timing["stage1_features_s"] = time.perf_counter() - t0
     elif args.encoder != "none":
         print(f"no stage-1 checkpoint at '{enc_path}' (train_ecg.py writes it): stage-1 probes skipped", flush=True)

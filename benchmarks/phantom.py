@@ -81,6 +81,10 @@ TRAINED = {
     # the ECG anchor head with less capacity and fewer fitting steps (it overfits after ~500 steps on
     # version 2: its EF r was -0.28): does a head that regresses less to the mean carry the ECG's EF?
     "anchor_small": (["flow.anchor_hidden=32", "flow.anchor_steps=200"], ()),
+    # the ECG's morphology beside stage 1's tokens: k whitened principal components of the 12 median beats
+    # at stage 1's R-peaks (ecg/morphology.py) in the pooled condition of the DiT and of the anchor head
+    "morphology_64": (["flow.morphology_dims=64"], ()),
+    "morphology_32": (["flow.morphology_dims=32"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),

@@ -161,6 +161,9 @@ class FlowConfig(TrainLoop):
     anchor_hidden: int = 128        # width of that head
     anchor_steps: int = 500         # its fitting steps (cached tokens: seconds on CPU)
     anchor_lr: float = 2e-3
+    morphology_dims: int = 0        # k > 0: the pooled condition also carries k numbers read from the raw ECG
+                                    # (whitened PCA of the median beats of the 12 leads at stage 1's R-peaks,
+                                    # fitted on the training ECGs: ecg/morphology.py); 0 = stage 1's alone
     snapshot_steps: list[int] = field(default_factory=list)  # also save the EMA weights at these steps
                                     # (flow/snapshots/step_NNNNNN.pt, loadable like best.pt): learning curves
     motion_weight: float = 0.0      # extra loss weight on the motion part of the latent (the latent minus its
@@ -504,7 +507,7 @@ def _validate(cfg: Config) -> None:
     _validate_training(cfg)
     _validate_ecg(cfg.ecg, cfg.data)
     _validate_vae(cfg.vae, cfg.data)
-    _validate_flow(cfg.flow)
+    _validate_flow(cfg.flow, cfg.ecg)
     _validate_infer_eval(cfg.infer, cfg.eval)
     _validate_downstream(cfg.downstream)
 
@@ -599,7 +602,7 @@ def _validate_vae(v: VAEConfig, d: DataConfig) -> None:
                  "vae.arch=official: base_channels x every channel_mult entry must be a multiple of 32 (GroupNorm)")
 
 
-def _validate_flow(fl: FlowConfig) -> None:
+def _validate_flow(fl: FlowConfig, ecg: ECGConfig) -> None:
     """``flow`` (stage 3)."""
     _require(fl.patch_size in (1, 2), "flow.patch_size", "must be 1 or 2 (latent is 12 x 12)")
     _require(fl.patch_size == 1 or fl.arch == "project", "flow.patch_size",
@@ -621,6 +624,11 @@ def _validate_flow(fl: FlowConfig) -> None:
     _require(fl.anchor_hidden >= 1, "flow.anchor_hidden", "must be >= 1")
     _require(fl.anchor_steps >= 0, "flow.anchor_steps", "must be >= 0")
     _require(fl.anchor_lr > 0, "flow.anchor_lr", "must be > 0")
+    _require(fl.morphology_dims >= 0, "flow.morphology_dims", "must be >= 0 (0: no morphology code)")
+    _require(fl.morphology_dims == 0 or not fl.ecg_finetune, "flow.morphology_dims",
+             "the morphology code is read beside the frozen encoder's tokens: use flow.ecg_finetune=false")
+    _require(fl.morphology_dims == 0 or ecg.cycle_mode not in ("window", "official"), "flow.morphology_dims",
+             "the median beats are cut at stage 1's R-peaks: use ecg.cycle_mode median or ensemble")
     _require(fl.motion_weight >= 0, "flow.motion_weight", "must be >= 0")
     _require(all(s >= 1 for s in fl.snapshot_steps), "flow.snapshot_steps", "steps must be >= 1")
     _require(0 <= fl.cfg_drop < 1, "flow.cfg_drop", "must be in [0, 1)")

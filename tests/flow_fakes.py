@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ecgflowcmr.ecg.cycles import Wraps
 from ecgflowcmr.utils.checkpoint import state_hash
 
 FAKE_DIM = 16
@@ -31,10 +32,15 @@ class FakeCycleOutput:
     start: torch.Tensor
     end: torch.Tensor
     fallback: torch.Tensor
+    wraps: object = None
+
+
+FAKE_RPEAKS = tuple(range(250, 5000, 500))      # the fake encoder's R-peaks: 60 bpm, the first at 0.5 s
 
 
 class FakeECGEncoder(nn.Module):
-    """(B, 12, 5000) -> 50 tokens of width ``dim`` (strided conv); fixed cycle 1000..1500."""
+    """(B, 12, 5000) -> 50 tokens of width ``dim`` (strided conv); fixed cycle 1000..1500; R-peaks
+    (phase wraps) at ``FAKE_RPEAKS``."""
 
     def __init__(self, dim: int = FAKE_DIM):
         super().__init__()
@@ -51,8 +57,11 @@ class FakeECGEncoder(nn.Module):
     def forward(self, ecg: torch.Tensor) -> FakeCycleOutput:
         tokens = self.conv(ecg).transpose(1, 2)                  # (B, 50, dim)
         b = ecg.shape[0]
+        times = torch.tensor(FAKE_RPEAKS, dtype=torch.float32).expand(b, -1)
+        wraps = Wraps(times, torch.ones_like(times, dtype=torch.bool), torch.zeros(b, ecg.shape[-1]))
         return FakeCycleOutput(tokens, tokens.mean(1), torch.zeros(b, ecg.shape[-1]),
-                               torch.full((b,), 1000), torch.full((b,), 1500), torch.zeros(b, dtype=torch.bool))
+                               torch.full((b,), 1000), torch.full((b,), 1500), torch.zeros(b, dtype=torch.bool),
+                               wraps)
 
 
 class FakeVAE(nn.Module):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ecgflowcmr.metrics.manifold import coverage_of, knn_radii, precision_recall
+from ecgflowcmr.metrics.manifold import coverage_of, knn_radii, precision_recall, precision_recall_by_frame
 
 
 def test_knn_radii_on_a_line():
@@ -55,3 +55,23 @@ def test_block_size_does_not_change_the_result():
 def test_too_few_points_is_an_error():
     with pytest.raises(ValueError, match="more than k"):
         knn_radii(np.zeros((3, 2)), k=3)
+
+
+def test_frames_of_one_video_do_not_shrink_the_balls():
+    """Subjects spread on a line, each video's 4 frames within 1e-3 of its subject: pooled, a frame's
+    3 nearest neighbours are its own video's frames and an unseen subject of the same spread is inside
+    almost no ball; one frame per video it is inside as often as for frames of the real subjects."""
+    rng = np.random.default_rng(0)
+    def videos(n):
+        centre = rng.normal(size=(n, 1, 2))
+        return centre + rng.normal(scale=1e-3, size=(n, 4, 2))
+    real, fake = videos(200), videos(200)
+    pooled = precision_recall(real.reshape(-1, 2), fake.reshape(-1, 2))
+    by_frame = precision_recall_by_frame(real, fake)
+    assert pooled["precision"] < 0.2 and pooled["recall"] < 0.2
+    assert by_frame["precision"] > 0.8 and by_frame["recall"] > 0.8 and by_frame["frames"] == 4
+    # one frame per video is the pooled rule applied at each frame position, then averaged
+    per = [precision_recall(real[:, j], fake[:, j]) for j in range(4)]
+    assert by_frame["precision"] == pytest.approx(np.mean([p["precision"] for p in per]))
+    with pytest.raises(ValueError, match="frames"):
+        precision_recall_by_frame(real[:, :3], fake)

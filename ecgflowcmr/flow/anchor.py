@@ -23,22 +23,25 @@ import torch.nn.functional as F
 
 
 class AnchorHead(nn.Module):
-    """``(ecg_tokens (B, S, E), ecg_pooled (B, E))`` -> normalised latent video ``(B, C, T, h, w)``.
+    """``(ecg_tokens (B, S, E), ecg_pooled (B, P))`` -> normalised latent video ``(B, C, T, h, w)``
+    (``P = pooled_dim``, default ``E``).
 
     ``template``: the normalised template ``(C, 1, h, w)`` (or ``(C, T, h, w)``), a fixed buffer.
     """
 
     def __init__(self, template: torch.Tensor, ecg_dim: int, num_frames: int, hidden: int = 128,
-                 kernel: int = 5):
+                 kernel: int = 5, pooled_dim: int | None = None):
         super().__init__()
+        pooled_dim = int(pooled_dim or ecg_dim)
         c, _, h, w = template.shape
         self.arch = {"ecg_dim": int(ecg_dim), "num_frames": int(num_frames), "hidden": int(hidden),
-                     "kernel": int(kernel), "template_shape": [int(s) for s in template.shape]}
+                     "kernel": int(kernel), "template_shape": [int(s) for s in template.shape],
+                     "pooled_dim": pooled_dim}
         self.latent = (int(c), int(h), int(w))
         self.num_frames = int(num_frames)
         self.register_buffer("template", template.detach().float().clone())
-        self.static = nn.Linear(ecg_dim, c * h * w)
-        self.temporal = nn.Conv1d(2 * ecg_dim, hidden, kernel, padding=kernel // 2, padding_mode="circular")
+        self.static = nn.Linear(pooled_dim, c * h * w)
+        self.temporal = nn.Conv1d(ecg_dim + pooled_dim, hidden, kernel, padding=kernel // 2, padding_mode="circular")
         self.frame_mlp = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, c * h * w))
         for layer in (self.static, self.frame_mlp[-1]):
             nn.init.zeros_(layer.weight)
@@ -47,7 +50,8 @@ class AnchorHead(nn.Module):
     @classmethod
     def from_arch(cls, arch: dict) -> AnchorHead:
         template = torch.zeros(arch["template_shape"])     # the buffer comes with the state dict
-        return cls(template, arch["ecg_dim"], arch["num_frames"], arch["hidden"], arch["kernel"])
+        return cls(template, arch["ecg_dim"], arch["num_frames"], arch["hidden"], arch["kernel"],
+                   arch.get("pooled_dim"))
 
     def forward(self, ecg_tokens: torch.Tensor, ecg_pooled: torch.Tensor) -> torch.Tensor:
         b, s, _ = ecg_tokens.shape
@@ -57,7 +61,7 @@ class AnchorHead(nn.Module):
             tokens = F.interpolate(tokens.transpose(1, 2), size=self.num_frames, mode="linear",
                                    align_corners=False).transpose(1, 2)
         pooled = ecg_pooled.float()
-        features = torch.cat([tokens, pooled[:, None].expand(-1, self.num_frames, -1)], dim=-1)   # (B, T, 2E)
+        features = torch.cat([tokens, pooled[:, None].expand(-1, self.num_frames, -1)], dim=-1)   # (B, T, E + P)
         hidden = self.temporal(features.transpose(1, 2)).transpose(1, 2)                        # (B, T, hidden)
         motion = self.frame_mlp(hidden).view(b, self.num_frames, c, h, w).transpose(1, 2)      # (B, C, T, h, w)
         static = self.static(pooled).view(b, c, 1, h, w)

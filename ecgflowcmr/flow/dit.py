@@ -207,29 +207,31 @@ class FlowDiT(nn.Module):
     Args:
         latent_channels, num_frames, latent_size: latent video shape ``(C, T, H=W)``.
         ecg_dim: width E of the stage-1 ECG tokens; ecg_tokens: their number S (50).
+        pooled_dim: width P of the pooled condition (default E; E + k with a morphology code of k numbers).
         hidden, depth, heads, patch_size, mlp_ratio: from the ``flow`` config section.
     """
 
     def __init__(self, latent_channels: int = 4, num_frames: int = 50, latent_size: int = 12,
                  ecg_dim: int = 128, ecg_tokens: int = 50, hidden: int = 128, depth: int = 4,
-                 heads: int = 4, patch_size: int = 1, mlp_ratio: float = 4.0):
+                 heads: int = 4, patch_size: int = 1, mlp_ratio: float = 4.0, pooled_dim: int | None = None):
         super().__init__()
+        pooled_dim = int(pooled_dim or ecg_dim)
         if latent_size % patch_size:
             raise ValueError(f"latent size {latent_size} is not divisible by flow.patch_size={patch_size}")
         if hidden % heads or hidden % 4:
             raise ValueError(f"flow.hidden={hidden} must be divisible by flow.heads={heads} and by 4")
         self.arch = dict(latent_channels=latent_channels, num_frames=num_frames, latent_size=latent_size,
                          ecg_dim=ecg_dim, ecg_tokens=ecg_tokens, hidden=hidden, depth=depth, heads=heads,
-                         patch_size=patch_size, mlp_ratio=mlp_ratio)
+                         patch_size=patch_size, mlp_ratio=mlp_ratio, pooled_dim=pooled_dim)
         self.channels, self.patch = latent_channels, patch_size
         self.grid = latent_size // patch_size
         self.x_embedder = nn.Linear(latent_channels * patch_size ** 2, hidden)
         self.t_embedder = TimestepEmbedder(hidden)
         self.ecg_proj = nn.Linear(ecg_dim, hidden)
         self.ecg_frame_proj = nn.Linear(ecg_dim, hidden) if ecg_tokens == num_frames else None
-        self.pooled_embedder = nn.Sequential(nn.Linear(ecg_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.pooled_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.null_tokens = nn.Parameter(torch.zeros(ecg_tokens, ecg_dim))
-        self.null_pooled = nn.Parameter(torch.zeros(ecg_dim))
+        self.null_pooled = nn.Parameter(torch.zeros(pooled_dim))
         self.register_buffer("pos_embed", sincos_3d(hidden, num_frames, self.grid, self.grid), persistent=False)
         self.register_buffer("ecg_pos_embed", sincos_1d(hidden, torch.linspace(0, num_frames - 1, ecg_tokens)),
                              persistent=False)
@@ -286,7 +288,7 @@ class FlowDiT(nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ecg_tokens: torch.Tensor,
                 ecg_pooled: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
-        """``z_t (B, C, T, H, W)``, ``t (B,)``, ``ecg_tokens (B, S, E)``, ``ecg_pooled (B, E)``,
+        """``z_t (B, C, T, H, W)``, ``t (B,)``, ``ecg_tokens (B, S, E)``, ``ecg_pooled (B, P)``,
         ``drop (B,)`` bool (True = unconditional) -> velocity ``(B, C, T, H, W)``."""
         ecg_tokens, ecg_pooled = self.apply_null(ecg_tokens, ecg_pooled, drop)
         x = self.x_embedder(self.patchify(z_t)) + self.pos_embed.to(z_t.dtype)        # (B, T, L, D)
@@ -303,7 +305,8 @@ class FlowDiT(nn.Module):
         return self.unpatchify(self.final(x, c))
 
 
-def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, ecg_tokens: int = 50) -> FlowDiT:
+def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, ecg_tokens: int = 50,
+              pooled_dim: int | None = None) -> FlowDiT:
     """``FlowDiT`` from the ``flow`` config section and the latent shape ``(C, T, H, W)``."""
     c, t, h, w = latent_shape
     if h != w:
@@ -315,7 +318,7 @@ def build_dit(flow_cfg, latent_shape: tuple[int, int, int, int], ecg_dim: int, e
                           "flow.arch=official is for the published weights (python -m ecgflowcmr.convert_official)")
     dit = FlowDiT(latent_channels=c, num_frames=t, latent_size=h, ecg_dim=ecg_dim, ecg_tokens=ecg_tokens,
                   hidden=flow_cfg.hidden, depth=flow_cfg.depth, heads=flow_cfg.heads,
-                  patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio)
+                  patch_size=flow_cfg.patch_size, mlp_ratio=flow_cfg.mlp_ratio, pooled_dim=pooled_dim)
     dit.grad_checkpoint = bool(getattr(flow_cfg, "grad_checkpoint", False))
     return dit
 

@@ -14,6 +14,8 @@ everything inference needs, so ``infer_flow.py`` needs nothing else::
                                    "latent_shape", "normalized": bool, "anchor", "motion_weight",
                                    "residual_input"}
     ckpt["anchor_head"]           {"arch", "state_dict", "fit"}: the ECG anchor head (flow.anchor=ecg)
+    ckpt["morphology"]            the ECG morphology code's buffers (flow.morphology_dims > 0): the encoder
+                                  is wrapped so that its pooled output carries it (ecg/morphology.py)
     ckpt["extra"]                 {"vae_hash", "template_hash", "ecg_hash", best metric, ...}
 
 On load the hashes are recomputed from the embedded weights and compared with the recorded ones;
@@ -237,6 +239,10 @@ class ECGToCine:
         if extra.get("ecg_hash") and e_hash != extra["ecg_hash"]:
             raise CheckpointMismatch(f"'{path}': the embedded ECG encoder (hash {e_hash}) is not the one "
                                      f"the flow was trained with ({extra['ecg_hash']})")
+        if ckpt.get("morphology"):
+            from ..ecg.morphology import MorphologyCode, MorphologyEncoder
+
+            encoder = MorphologyEncoder(encoder, MorphologyCode.from_state(ckpt["morphology"]))
         dit = dit_from_arch(ckpt["dit_arch"])
         state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
         dit.load_state_dict(dit_state_from(state))

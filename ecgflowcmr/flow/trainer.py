@@ -36,8 +36,9 @@ from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError
 from ..data.datasets import MemmapPickling
+from ..ecg.morphology import MorphologyCode, MorphologyEncoder, fit_morphology
 from ..utils import dist as udist
-from ..utils.checkpoint import load_checkpoint
+from ..utils.checkpoint import load_checkpoint, state_hash
 from ..utils.device import autocast
 from ..utils.seed import seed_everything
 from ..utils.stage import StageRun, run_stage
@@ -144,7 +145,8 @@ class ConditionCache(MemmapPickling):
 
         n = len(prepared_index)
         dim, count = int(encoder.dim), int(getattr(encoder, "num_tokens", 50))
-        parts = {"tokens": ((n, count, dim), np.float32), "pooled": ((n, dim), np.float32),
+        pooled_dim = int(getattr(encoder, "pooled_dim", dim))
+        parts = {"tokens": ((n, count, dim), np.float32), "pooled": ((n, pooled_dim), np.float32),
                  "start": ((n,), np.int64), "end": ((n,), np.int64), "fallback": ((n,), np.bool_)}
         if udist.is_main():
             folder.mkdir(parents=True, exist_ok=True)
@@ -393,6 +395,12 @@ class FlowInputs:
     ecg_spec: dict
     frozen_state: dict
     datasets: dict
+    morphology: MorphologyCode | None = None
+
+    @property
+    def condition_encoder(self) -> torch.nn.Module:
+        """What conditions the flow: the stage-1 encoder, with the morphology code when there is one."""
+        return self.encoder if self.morphology is None else MorphologyEncoder(self.encoder, self.morphology)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -401,6 +409,10 @@ class FlowInputs:
     @property
     def ecg_dim(self) -> int:
         return int(getattr(self.encoder, "dim", 0) or 0)
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.ecg_dim + (0 if self.morphology is None else self.morphology.dims)
 
 
 def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path, log) -> FlowInputs:
@@ -431,8 +443,14 @@ def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path,
     encoder, ecg_spec = gen.load_stage1_encoder(paths.ecg_ckpt, device, cfg.ecg.cycle_mode)
     encoder.eval()
     frozen_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    morphology = None
+    if fl.morphology_dims:
+        morphology = fit_morphology(encoder, prepared.ecg, splits["train"].prepared_index, fl.morphology_dims,
+                                    device, batch_size=max(fl.batch_size, 16))
+        log.info("morphology code: %d whitened components of the median beats of %d training ECGs "
+                 "(hash %s)", fl.morphology_dims, len(splits["train"]), state_hash(morphology.state_dict()))
     inputs = FlowInputs(template, template_hash(template), vae, vae_spec, norm, anchor, splits, prepared,
-                        encoder, ecg_spec, frozen_state, {})
+                        encoder, ecg_spec, frozen_state, {}, morphology)
     inputs.datasets = condition_datasets(cfg, inputs, device, out, log)
     if not inputs.ecg_dim:
         raise RuntimeError("the stage-1 encoder does not report its token width (encoder.dim)")
@@ -442,15 +460,16 @@ def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path,
 def condition_datasets(cfg: Config, inputs: FlowInputs, device: torch.device, out: Path, log) -> dict:
     """Train/val ``FlowDataset``s: raw ECGs for a fine-tuned encoder, else its cached tokens (built
     once per encoder and cycle mode, every rank encoding its share)."""
-    fl, splits, encoder = cfg.flow, inputs.splits, inputs.encoder
+    fl, splits, encoder = cfg.flow, inputs.splits, inputs.condition_encoder
     encoder.requires_grad_(fl.ecg_finetune)
     if fl.ecg_finetune:
         return {s: FlowDataset(splits[s], inputs.norm, ecg_array=inputs.prepared.ecg) for s in LATENT_SPLITS}
     datasets = {}
     bf16 = "_bf16" if cfg.ecg.amp and device.type == "cuda" else ""        # tokens differ from fp32 ones
     spec = inputs.ecg_spec
+    morph = "" if inputs.morphology is None else f"_morph{state_hash(inputs.morphology.state_dict())}"
     for s in LATENT_SPLITS:
-        folder = out / "ecg_cache" / f"{spec['hash']}_{spec['config'].get('cycle_mode', '')}{bf16}" / s
+        folder = out / "ecg_cache" / f"{spec['hash']}_{spec['config'].get('cycle_mode', '')}{bf16}{morph}" / s
         if not udist.all_gather_object(ConditionCache.valid(folder, len(splits[s])))[0]:  # rank 0 decides
             log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
             ConditionCache.build(folder, encoder, inputs.prepared.ecg, splits[s].prepared_index, device,
@@ -466,7 +485,8 @@ def anchor_head_for(cfg: Config, inputs: FlowInputs, ckpt: dict | None, device: 
     fl = cfg.flow
     if fl.anchor != "ecg":
         return None, {}, False
-    head = AnchorHead(inputs.anchor.template, inputs.ecg_dim, inputs.latent_shape[1], fl.anchor_hidden).to(device)
+    head = AnchorHead(inputs.anchor.template, inputs.ecg_dim, inputs.latent_shape[1], fl.anchor_hidden,
+                      pooled_dim=inputs.pooled_dim).to(device)
     saved = ckpt.get("anchor_head") if ckpt is not None else None
     if saved:
         head.load_state_dict(saved["state_dict"])
@@ -492,7 +512,8 @@ class FlowStage(Stage):
         self.cfg, self.inputs, self.device, self.out = cfg, inputs, device, out
         self.anchor_head, self.anchor_fit = anchor_head, anchor_fit
         self.amp = fl.amp                         # autocast() is bf16 on CUDA only
-        self.dit = build_dit(fl, inputs.latent_shape, ecg_dim=inputs.ecg_dim, ecg_tokens=cfg.ecg.num_tokens)
+        self.dit = build_dit(fl, inputs.latent_shape, ecg_dim=inputs.ecg_dim, ecg_tokens=cfg.ecg.num_tokens,
+                             pooled_dim=inputs.pooled_dim)
         self.model = FlowModel(self.dit, inputs.encoder if fl.ecg_finetune else None).to(device)
         self.ema = EMA(self.model, fl.ema_decay)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, fl.lr, fl.ecg_lr, fl.weight_decay), lr=fl.lr)
@@ -559,7 +580,10 @@ class FlowStage(Stage):
                      "flow": {"latent_norm": inputs.norm.to_dict(), "alpha": fl.alpha, "use_template": fl.use_template,
                               "latent_shape": list(inputs.latent_shape), "normalized": True,
                               "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
-                              "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight}})
+                              "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight,
+                              "morphology_dims": fl.morphology_dims}})
+        if inputs.morphology is not None:
+            ckpt["morphology"] = {k: v.detach().cpu() for k, v in inputs.morphology.state_dict().items()}
         if self.anchor_head is not None:
             ckpt["anchor_head"] = {"arch": dict(self.anchor_head.arch), "fit": self.anchor_fit,
                                    "state_dict": {k: v.detach().cpu()
@@ -584,7 +608,7 @@ class FlowStage(Stage):
 
     def preview(self, tag: str) -> None:
         inputs, infer = self.inputs, self.cfg.infer
-        enc = self.ema.module.encoder if self.fl.ecg_finetune else inputs.encoder
+        enc = self.ema.module.encoder if self.fl.ecg_finetune else inputs.condition_encoder
         pipe = ECGToCine(self.ema.module.dit, enc, inputs.vae, inputs.template, inputs.norm, self.fl.alpha,
                          self.fl.use_template, self.device, amp=self.fl.amp, anchor_head=self.anchor_head,
                          residual_input=inputs.anchor.residual_input)

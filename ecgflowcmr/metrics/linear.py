@@ -1,8 +1,8 @@
 """Linear readers of the ECG: the ceiling a generator is judged against (``benchmarks/ecg_ceiling.py``).
 
-- ``median_beat_features``: the R-aligned median beat of each of the 12 leads, -250..+550 ms around the
-  R-peaks, averaged into 40 points a lead (20 ms bins), each lead's beat minus its first 20 ms (baseline),
-  plus the heart rate: ``12 * 40 + 1 = 481`` numbers per ECG. No label enters them.
+- ``median_beat_features`` (``data/beats.py``): the R-aligned median beat of each of the 12 leads,
+  -250..+550 ms around the R-peaks, averaged into 40 points a lead (20 ms bins), each lead's beat minus its
+  first 20 ms (baseline), plus the heart rate: ``12 * 40 + 1 = 481`` numbers per ECG. No label enters them.
 - ``Standardiser``, ``fit_ridge`` (closed form, L2 on the weights, not the intercept) and
   ``fit_logistic`` (L2 logistic regression by Newton's method), ``cv_select`` (the L2 strength chosen by
   k-fold cross-validation on the training rows only).
@@ -13,30 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PRE_S, POST_S, POINTS = 0.25, 0.55, 40
+from ..data.beats import POINTS, POST_S, PRE_S, median_beat_features  # noqa: F401 (re-exported)
+
 LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
-
-
-def median_beat_features(ecg: np.ndarray, rpeaks: np.ndarray, fs: int = 500, pre_s: float = PRE_S,
-                         post_s: float = POST_S, points: int = POINTS) -> np.ndarray:
-    """``ecg`` (12, T) mV, ``rpeaks`` sample indices -> ``(12 * points + 1,)``: median beats, then heart rate
-    (bpm, from the median R-R; 0 when fewer than two R-peaks). Beats too close to either end are skipped;
-    with none left, the beat is zeros."""
-    ecg = np.asarray(ecg, dtype=np.float64)
-    pre, post = int(round(pre_s * fs)), int(round(post_s * fs))
-    width = pre + post
-    r = np.asarray(rpeaks, dtype=np.int64)
-    r = r[(r - pre >= 0) & (r + post <= ecg.shape[1])]
-    if len(r):
-        beats = np.stack([ecg[:, k - pre:k + post] for k in r])          # (B, 12, width)
-        beat = np.median(beats, axis=0)
-    else:
-        beat = np.zeros((ecg.shape[0], width))
-    bins = beat[:, : width - width % points].reshape(ecg.shape[0], points, -1).mean(-1)
-    base = beat[:, : max(1, int(0.02 * fs))].mean(-1, keepdims=True)
-    rr = np.diff(np.sort(np.asarray(rpeaks, dtype=np.int64)))
-    hr = 60.0 * fs / float(np.median(rr)) if len(rr) else 0.0
-    return np.concatenate([(bins - base).ravel(), [hr]])
 
 
 class Standardiser:

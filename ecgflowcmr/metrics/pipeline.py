@@ -22,7 +22,7 @@ from . import extractors as ex
 from . import fidelity, functional
 from .frechet import fd_from_features
 from .io import CineSet, pair_by_subject, resolve_fake, resolve_real
-from .manifold import K_DEFAULT, precision_recall
+from .manifold import K_DEFAULT, precision_recall_by_frame
 from .weights import WeightsUnavailable, no_downloads, weights_dir
 
 ALL_METRICS = ("fid", "fvd", "lpips", "psnr", "ssim", "functional")
@@ -400,11 +400,11 @@ def _fid(run: _Run) -> dict:
                  frames_per_video=int(len(frames)), feature_dim=int(real_feats.shape[-1]),
                  covariance="unbiased (N - 1)",
                  note="Frechet distances are biased upwards at small N; compare only at equal N")
-    # improved precision / recall (Kynkaanniemi et al. 2019, k = 3) of the same frames in the same features
-    flat_real, flat_fake = real_feats.reshape(-1, real_feats.shape[-1]), fake_feats.reshape(-1, fake_feats.shape[-1])
-    if min(len(flat_real), len(flat_fake)) > K_DEFAULT:
-        pr = precision_recall(flat_real, flat_fake)
-        entry.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr["k"])
+    # improved precision / recall (Kynkaanniemi et al. 2019, k = 3) of the same frames in the same features,
+    # one frame per video at a time (a video's own frames would be each other's nearest neighbours)
+    if min(len(real_feats), len(fake_feats)) > K_DEFAULT:
+        pr = precision_recall_by_frame(real_feats, fake_feats)
+        entry.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr["k"], pr_rule="one frame per video")
     entry["weights"] = _weight_info(extractor.weight, "FID network injected (plumbing)")
     if extractor.weight is not None:
         result["weights"][extractor.weight.spec.key] = entry["weights"]

@@ -1,0 +1,130 @@
+"""The ECG morphology code (ecg/morphology.py): median beats at stage 1's R-peaks, PCA-whitened, appended
+to the pooled condition of the DiT and the anchor head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ecgflowcmr.config import ConfigError, load_config
+from ecgflowcmr.data.beats import feature_count, median_beat_features, median_beats
+from ecgflowcmr.ecg.morphology import MorphologyCode, MorphologyEncoder, beat_features
+from ecgflowcmr.flow.generator import ECGToCine
+from tests.flow_fakes import FAKE_DIM, FAKE_RPEAKS, FakeECGEncoder, build_run, tiny_config, use_bridges
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_batch_of_median_beats_equals_each_record_read_alone():
+    rng = np.random.default_rng(0)
+    ecg = rng.normal(size=(4, 12, 5000))
+    peaks = [np.array([]), np.array([900.4]), np.sort(rng.choice(np.arange(200, 4700), 6, replace=False)),
+             np.array([10, 2000, 2400, 2800, 3200, 4990])]   # the first and last lack a whole window
+    batch = median_beats(torch.from_numpy(ecg), peaks).numpy()
+    assert batch.shape == (4, feature_count()) == (4, 481)
+    for i in range(4):
+        np.testing.assert_allclose(batch[i], median_beat_features(ecg[i], np.rint(peaks[i])), atol=1e-12)
+    assert not batch[0].any()                                   # no beat, no rate
+    assert batch[1, -1] == 0 and batch[1, :-1].any()            # one beat, no rate
+    assert batch[3, -1] == pytest.approx(60 * 500 / 400)        # R-R 1990, 400, 400, 400, 1790: median 400
+
+
+def test_the_code_whitens_the_training_rows_along_their_principal_axes():
+    rng = np.random.default_rng(1)
+    n, f, k = 300, 20, 4
+    x = rng.normal(size=(n, 6)) @ rng.normal(size=(6, f)) * rng.uniform(0.5, 5, f) + rng.normal(size=f) * 10
+    code = MorphologyCode.fit(x, k)
+    scores = code(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(scores.mean(0), 0, atol=1e-9)
+    np.testing.assert_allclose(scores.T @ scores / n, np.eye(k), atol=1e-9)   # unit variance, uncorrelated
+    z = (x - x.mean(0)) / x.std(0)
+    vals, vecs = np.linalg.eigh(z.T @ z / n)                     # the principal axes, largest first
+    for j in range(k):
+        axis = vecs[:, -1 - j]
+        assert abs(abs(np.corrcoef(scores[:, j], z @ axis)[0, 1]) - 1) < 1e-9
+    assert (code.basis.abs().argmax(0) == code.basis.argmax(0)).all()       # sign fixed: largest entry > 0
+    again = MorphologyCode.from_state({k_: v.clone() for k_, v in code.state_dict().items()})
+    assert torch.equal(again(torch.from_numpy(x)), code(torch.from_numpy(x)))
+    with pytest.raises(ValueError, match="more training ECGs than dims"):
+        MorphologyCode.fit(x[:4], 4)
+
+
+def _beats_at(peaks, beat: np.ndarray, length: int = 5000) -> np.ndarray:
+    """``(12, length)``: ``beat (12, 400)`` placed with its sample 125 on every R-peak whose window
+    (-250..+550 ms) lies in the record."""
+    ecg = np.zeros((12, length))
+    for r in peaks:
+        if r + 275 <= length:
+            ecg[:, r - 125:r + 275] += beat
+    return ecg
+
+
+def test_the_encoder_appends_the_code_of_the_beat_at_its_own_rpeaks():
+    rng = np.random.default_rng(2)
+    beats = rng.normal(size=(30, 12, 400)).cumsum(-1) * 0.05      # 30 smooth, different beats
+    ecg = np.stack([_beats_at(FAKE_RPEAKS, b) for b in beats]).astype(np.float32)
+    torch.manual_seed(0)
+    encoder = FakeECGEncoder()
+    feats = beat_features(encoder, torch.from_numpy(ecg)).numpy()
+    # every beat is the same within a record: its median beat is that beat, binned into 20 ms, minus its first 20 ms
+    expected = beats.reshape(30, 12, 40, 10).mean(-1) - beats[..., :10].mean(-1, keepdims=True)
+    np.testing.assert_allclose(feats[:, :-1].reshape(30, 12, 40), expected, atol=1e-5)
+    np.testing.assert_allclose(feats[:, -1], 60.0)
+    code = MorphologyCode.fit(feats, 5)
+    wrapped = MorphologyEncoder(encoder, code)
+    assert (wrapped.dim, wrapped.pooled_dim) == (FAKE_DIM, FAKE_DIM + 5)
+    out, plain = wrapped(torch.from_numpy(ecg)), encoder(torch.from_numpy(ecg))
+    assert torch.equal(out.tokens, plain.tokens)
+    assert torch.equal(out.pooled[:, :FAKE_DIM], plain.pooled)
+    torch.testing.assert_close(out.pooled[:, FAKE_DIM:], code(torch.from_numpy(feats)))
+
+
+def test_an_encoder_without_rpeaks_is_refused_by_name():
+    class Window(FakeECGEncoder):
+        def forward(self, ecg):
+            out = super().forward(ecg)
+            out.wraps = None
+            return out
+
+    with pytest.raises(ValueError, match="cycle_mode"):
+        beat_features(Window(), torch.zeros(1, 12, 5000))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["flow.morphology_dims=-1"],
+    ["flow.morphology_dims=8", "flow.anchor=template", "flow.ecg_finetune=true"],
+    ["flow.morphology_dims=8", "ecg.cycle_mode=window"],
+])
+def test_bad_morphology_settings_name_the_key(overrides):
+    with pytest.raises(ConfigError, match="flow.morphology_dims"):
+        load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+
+def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch):
+    from ecgflowcmr.flow.trainer import LatentSplit, train
+
+    use_bridges(monkeypatch, real_ecg=False, real_vae=False)
+    run = build_run(tmp_path / "run", n=16, real_ecg=False, real_vae=False)
+    cfg = tiny_config(run, "flow.epochs=1", "flow.anchor=ecg", "flow.anchor_steps=5", "flow.anchor_hidden=8",
+                      "flow.morphology_dims=3")
+    train(cfg)
+    ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
+    assert ckpt["flow"]["morphology_dims"] == 3 and ckpt["dit_arch"]["pooled_dim"] == FAKE_DIM + 3
+    assert ckpt["anchor_head"]["arch"]["pooled_dim"] == FAKE_DIM + 3
+    ecg = torch.from_numpy(np.load(run / "data" / "ecg.npy"))
+    pipe = ECGToCine.from_checkpoint(run / "flow" / "last.pt")
+    assert isinstance(pipe.encoder, MorphologyEncoder) and pipe.encoder.code.dims == 3
+    # the code is fitted on the training split's ECGs alone: there its scores are white
+    split = LatentSplit(run / "latents", "train")
+    scores = pipe.encoder.code(beat_features(pipe.encoder.encoder, ecg[split.prepared_index])).numpy()
+    np.testing.assert_allclose(scores.T @ scores / len(scores), np.eye(3), atol=1e-4)
+    # what generation conditions on is what the cached training condition was, row for row
+    cache = next((run / "flow" / "ecg_cache").glob("*_morph*")) / "train"
+    cached = np.load(cache / "meta.npz")["pooled"]
+    encoded = pipe.encode(ecg[split.prepared_index]).pooled.numpy()
+    assert cached.shape == encoded.shape == (len(split), FAKE_DIM + 3)
+    np.testing.assert_allclose(encoded, cached, atol=1e-5)
+    out = pipe.generate(ecg[:2], seeds=[1, 2], steps=2)
+    assert out.cine.shape == (2, 1, 50, 96, 96)
