@@ -85,6 +85,10 @@ TRAINED = {
     # at stage 1's R-peaks (ecg/morphology.py) in the pooled condition of the DiT and of the anchor head
     "morphology_64": (["flow.morphology_dims=64"], ()),
     "morphology_32": (["flow.morphology_dims=32"], ()),
+    # ... with the anchor fitted in closed form (ridge regression of the whole latent video on the pooled
+    # condition, its L2 strength chosen on the val split) instead of gradient steps that overfit within 50
+    "morphology_64_ridge": (["flow.morphology_dims=64", "flow.anchor_fit=ridge"], ()),
+    "ridge_anchor": (["flow.anchor_fit=ridge"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),

@@ -161,6 +161,9 @@ class FlowConfig(TrainLoop):
     anchor_hidden: int = 128        # width of that head
     anchor_steps: int = 500         # its fitting steps (cached tokens: seconds on CPU)
     anchor_lr: float = 2e-3
+    anchor_fit: str = "sgd"         # sgd: the head above, fitted by gradient steps with early stopping; ridge:
+                                    # the whole latent video linear in the pooled condition, fitted in closed
+                                    # form, its L2 strength chosen on the val split (flow/anchor.py RidgeAnchor)
     morphology_dims: int = 0        # k > 0: the pooled condition also carries k numbers read from the raw ECG
                                     # (whitened PCA of the median beats of the 12 leads at stage 1's R-peaks,
                                     # fitted on the training ECGs: ecg/morphology.py); 0 = stage 1's alone
@@ -624,6 +627,9 @@ def _validate_flow(fl: FlowConfig, ecg: ECGConfig) -> None:
     _require(fl.anchor_hidden >= 1, "flow.anchor_hidden", "must be >= 1")
     _require(fl.anchor_steps >= 0, "flow.anchor_steps", "must be >= 0")
     _require(fl.anchor_lr > 0, "flow.anchor_lr", "must be > 0")
+    _require(fl.anchor_fit in ("sgd", "ridge"), "flow.anchor_fit", "must be sgd or ridge")
+    _require(fl.anchor_fit == "sgd" or fl.anchor == "ecg", "flow.anchor_fit",
+             "fits the ECG anchor: it needs flow.anchor=ecg")
     _require(fl.morphology_dims >= 0, "flow.morphology_dims", "must be >= 0 (0: no morphology code)")
     _require(fl.morphology_dims == 0 or not fl.ecg_finetune, "flow.morphology_dims",
              "the morphology code is read beside the frozen encoder's tokens: use flow.ecg_finetune=false")

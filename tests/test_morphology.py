@@ -96,23 +96,27 @@ def test_an_encoder_without_rpeaks_is_refused_by_name():
     ["flow.morphology_dims=-1"],
     ["flow.morphology_dims=8", "flow.anchor=template", "flow.ecg_finetune=true"],
     ["flow.morphology_dims=8", "ecg.cycle_mode=window"],
+    ["flow.anchor_fit=lstsq"],
+    ["flow.anchor_fit=ridge", "flow.anchor=template"],
 ])
 def test_bad_morphology_settings_name_the_key(overrides):
-    with pytest.raises(ConfigError, match="flow.morphology_dims"):
+    with pytest.raises(ConfigError, match="flow.morphology_dims|flow.anchor_fit"):
         load_config(ROOT / "configs" / "demo.yaml", overrides)
 
 
-def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch):
+@pytest.mark.parametrize("anchor_fit", ["sgd", "ridge"])
+def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit):
     from ecgflowcmr.flow.trainer import LatentSplit, train
 
     use_bridges(monkeypatch, real_ecg=False, real_vae=False)
     run = build_run(tmp_path / "run", n=16, real_ecg=False, real_vae=False)
     cfg = tiny_config(run, "flow.epochs=1", "flow.anchor=ecg", "flow.anchor_steps=5", "flow.anchor_hidden=8",
-                      "flow.morphology_dims=3")
+                      "flow.morphology_dims=3", f"flow.anchor_fit={anchor_fit}")
     train(cfg)
     ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
     assert ckpt["flow"]["morphology_dims"] == 3 and ckpt["dit_arch"]["pooled_dim"] == FAKE_DIM + 3
     assert ckpt["anchor_head"]["arch"]["pooled_dim"] == FAKE_DIM + 3
+    assert (ckpt["anchor_head"]["arch"].get("kind") == "ridge") == (anchor_fit == "ridge")
     ecg = torch.from_numpy(np.load(run / "data" / "ecg.npy"))
     pipe = ECGToCine.from_checkpoint(run / "flow" / "last.pt")
     assert isinstance(pipe.encoder, MorphologyEncoder) and pipe.encoder.code.dims == 3
@@ -128,3 +132,50 @@ def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatc
     np.testing.assert_allclose(encoded, cached, atol=1e-5)
     out = pipe.generate(ecg[:2], seeds=[1, 2], steps=2)
     assert out.cine.shape == (2, 1, 50, 96, 96)
+    assert type(pipe.anchor_head).__name__ == ("RidgeAnchor" if anchor_fit == "ridge" else "AnchorHead")
+    assert pipe.regress(ecg[:2]).cine.shape == (2, 1, 50, 96, 96)
+
+
+def test_ridge_leave_one_out_error_is_the_refit_without_the_row():
+    from ecgflowcmr.flow.anchor import ridge_loo_mse
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(12, 3)), rng.normal(size=(12, 2))
+    u, s, _ = torch.linalg.svd(torch.from_numpy(x), full_matrices=False)
+    penalty = 2.5
+    errors = np.zeros(2)
+    for i in range(12):
+        keep = np.arange(12) != i
+        w = np.linalg.solve(x[keep].T @ x[keep] + penalty * np.eye(3), x[keep].T @ y[keep])
+        errors += (y[i] - x[i] @ w) ** 2 / 12
+    np.testing.assert_allclose(ridge_loo_mse(u, s, torch.from_numpy(y), penalty).numpy(), errors, rtol=1e-10)
+
+
+def test_the_ridge_anchor_picks_a_strength_per_latent_value_by_leave_one_out():
+    from ecgflowcmr.flow.anchor import RidgeAnchor, anchor_from_arch
+    from ecgflowcmr.metrics.linear import Standardiser, fit_ridge
+
+    rng = np.random.default_rng(3)
+    shape, n, p = (2, 3, 2, 2), 80, 5                  # 24 latent values
+    x = rng.normal(size=(n + 30, p)) * rng.uniform(0.5, 3, p) + 2.0
+    y = x @ rng.normal(size=(p, 24)) + 1.0
+    y[:, 12:] = 5.0 * rng.normal(size=(n + 30, 12))    # half the values the input does not predict
+    t = lambda a: torch.from_numpy(a).float()          # noqa: E731
+    mse = lambda a, b: (a - b).pow(2).flatten(1).mean(1)   # noqa: E731
+    lambdas = (1e-3, 1.0, 1e3)
+    head = RidgeAnchor(shape, p)
+    fit = head.fit(t(x[:n]), t(y[:n]).view(-1, *shape), t(x[n:]), t(y[n:]).view(-1, *shape), lambdas, mse)
+    assert fit["anchor_lambda_counts"][1e-3] == 12      # every predictable value: the least L2
+    assert fit["anchor_lambda_counts"][1e3] >= 10       # nearly every unpredictable one: the most
+    pred = head(None, t(x[n:])).view(30, -1).numpy()
+    np.testing.assert_allclose(pred[:, :12], y[n:, :12], atol=0.02)
+    assert fit["anchor_val"] < fit["anchor_val_mean_video"]
+    # each value is metrics.linear's ridge on standardised inputs at the strength chosen for it
+    st = Standardiser(x[:n])
+    for j in (0, 13, 23):
+        col = pred[:, j]
+        candidates = [fit_ridge(st(x[:n]), y[:n, j], lam)(st(x[n:])) for lam in lambdas]
+        assert min(np.abs(col - c).max() for c in candidates) < 1e-3
+    clone = anchor_from_arch(head.arch)
+    clone.load_state_dict(head.state_dict())
+    assert torch.equal(clone(None, t(x[n:])), head(None, t(x[n:])))

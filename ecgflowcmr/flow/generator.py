@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from ..utils.checkpoint import load_checkpoint, state_hash
 from ..utils.device import autocast
-from .anchor import AnchorHead
+from .anchor import AnchorHead, anchor_from_arch
 from .dit import FlowDiT, dit_from_arch
 from .samplers import guided_velocity, integrate
 from .transport import LatentNorm, TemplateAnchor, template_hash
@@ -249,7 +249,7 @@ class ECGToCine:
         flow = ckpt["flow"]
         anchor_head = None
         if ckpt.get("anchor_head"):
-            anchor_head = AnchorHead.from_arch(ckpt["anchor_head"]["arch"])
+            anchor_head = anchor_from_arch(ckpt["anchor_head"]["arch"])
             anchor_head.load_state_dict(ckpt["anchor_head"]["state_dict"])
         info = {"checkpoint": str(path), "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
                 "weights": "ema" if state is ckpt.get("ema") else "model",

@@ -45,7 +45,7 @@ from ..utils.stage import StageRun, run_stage
 from ..utils.train import EMA, cosine_schedule, optimizer_step
 from ..utils.trainer import LoopSettings, Stage, Trainer
 from . import generator as gen
-from .anchor import AnchorHead
+from .anchor import AnchorHead, RidgeAnchor
 from .dit import build_dit
 from .generator import ECGToCine, FlowModel, encoder_state_from, module_hash, sample_seed
 from .transport import (
@@ -291,6 +291,36 @@ def fit_anchor_head(head: AnchorHead, train: FlowDataset, val: FlowDataset, step
     return result
 
 
+RIDGE_LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)   # per-row L2 strengths the ridge anchor picks from
+
+
+def fit_ridge_anchor(head: RidgeAnchor, train: FlowDataset, val: FlowDataset, motion_weight: float,
+                     log=None) -> dict:
+    """Fit the ridge anchor on every training row at once (the L2 strength of each latent value by
+    leave-one-out); the validation split only scores it. ``anchor_val_mse`` is the plain MSE, as
+    ``fit_anchor_head`` reports it; ``anchor_val`` and ``anchor_val_mean_video`` the motion-weighted one
+    (the flow's own weighting) of the fit and of the training split's mean latent video."""
+    def rows(ds: FlowDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(ds) == 0:
+            return torch.zeros(0, 0), torch.zeros(0)
+        batch = _stack([ds[i] for i in range(len(ds))])
+        return batch["pooled"], batch["z1"]
+
+    (x, y), (xv, yv) = rows(train), rows(val)
+    if len(xv) == 0:        # no val split: score on the training rows (said in the log)
+        xv, yv = x, y
+    fit = head.fit(x, y, xv, yv, RIDGE_LAMBDAS, lambda p, t: motion_weighted_mse(p, t, motion_weight))
+    udist.broadcast_module(head)
+    head.eval().requires_grad_(False)
+    plain = float(motion_weighted_mse(head(None, xv.to(head.weight.device)).cpu(), yv).mean())
+    result = {"anchor_fit": "ridge", **fit, "anchor_val_mse": plain}
+    if log is not None:
+        log.info("ridge anchor: L2 strengths (latent values per strength) %s; %s MSE %.5f, motion-weighted %.5f "
+                 "(mean video %.5f)", fit["anchor_lambda_counts"], "val" if len(val) else "train", plain,
+                 fit["anchor_val"], fit["anchor_val_mean_video"])
+    return result
+
+
 def param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on matrices; the encoder (when trained) at its own lr."""
     groups = []
@@ -485,13 +515,19 @@ def anchor_head_for(cfg: Config, inputs: FlowInputs, ckpt: dict | None, device: 
     fl = cfg.flow
     if fl.anchor != "ecg":
         return None, {}, False
-    head = AnchorHead(inputs.anchor.template, inputs.ecg_dim, inputs.latent_shape[1], fl.anchor_hidden,
-                      pooled_dim=inputs.pooled_dim).to(device)
+    if fl.anchor_fit == "ridge":
+        head = RidgeAnchor(inputs.latent_shape, inputs.pooled_dim).to(device)
+    else:
+        head = AnchorHead(inputs.anchor.template, inputs.ecg_dim, inputs.latent_shape[1], fl.anchor_hidden,
+                          pooled_dim=inputs.pooled_dim).to(device)
     saved = ckpt.get("anchor_head") if ckpt is not None else None
     if saved:
         head.load_state_dict(saved["state_dict"])
         head.eval().requires_grad_(False)
         return head, dict(saved.get("fit", {})), False
+    if fl.anchor_fit == "ridge":
+        return head, fit_ridge_anchor(head, inputs.datasets["train"], inputs.datasets["val"], fl.motion_weight,
+                                      log), True
     fit = fit_anchor_head(head, inputs.datasets["train"], inputs.datasets["val"], fl.anchor_steps, fl.anchor_lr,
                           max(fl.batch_size, 16), fl.motion_weight, cfg.seed, device, log)
     return head, fit, True
