@@ -89,6 +89,9 @@ TRAINED = {
     # condition, its L2 strength chosen on the val split) instead of gradient steps that overfit within 50
     "morphology_64_ridge": (["flow.morphology_dims=64", "flow.anchor_fit=ridge"], ()),
     "ridge_anchor": (["flow.anchor_fit=ridge"], ()),
+    # ... the code read by the ridge anchor alone: the DiT conditions on stage 1's tokens as in `full`
+    "morphology_64_ridge_anchor_only": (["flow.morphology_dims=64", "flow.anchor_fit=ridge",
+                                         "flow.morphology_in=anchor"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),

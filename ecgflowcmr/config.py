@@ -167,6 +167,7 @@ class FlowConfig(TrainLoop):
     morphology_dims: int = 0        # k > 0: the pooled condition also carries k numbers read from the raw ECG
                                     # (whitened PCA of the median beats of the 12 leads at stage 1's R-peaks,
                                     # fitted on the training ECGs: ecg/morphology.py); 0 = stage 1's alone
+    morphology_in: str = "both"     # who reads the code: both (the DiT's adaLN and the ECG anchor) | anchor
     snapshot_steps: list[int] = field(default_factory=list)  # also save the EMA weights at these steps
                                     # (flow/snapshots/step_NNNNNN.pt, loadable like best.pt): learning curves
     motion_weight: float = 0.0      # extra loss weight on the motion part of the latent (the latent minus its
@@ -631,6 +632,9 @@ def _validate_flow(fl: FlowConfig, ecg: ECGConfig) -> None:
     _require(fl.anchor_fit == "sgd" or fl.anchor == "ecg", "flow.anchor_fit",
              "fits the ECG anchor: it needs flow.anchor=ecg")
     _require(fl.morphology_dims >= 0, "flow.morphology_dims", "must be >= 0 (0: no morphology code)")
+    _require(fl.morphology_in in ("both", "anchor"), "flow.morphology_in", "must be both or anchor")
+    _require(fl.morphology_in == "both" or fl.morphology_dims == 0 or fl.anchor == "ecg", "flow.morphology_in",
+             "anchor: only the ECG anchor reads the code; it needs flow.anchor=ecg")
     _require(fl.morphology_dims == 0 or not fl.ecg_finetune, "flow.morphology_dims",
              "the morphology code is read beside the frozen encoder's tokens: use flow.ecg_finetune=false")
     _require(fl.morphology_dims == 0 or ecg.cycle_mode not in ("window", "official"), "flow.morphology_dims",

@@ -98,23 +98,27 @@ def test_an_encoder_without_rpeaks_is_refused_by_name():
     ["flow.morphology_dims=8", "ecg.cycle_mode=window"],
     ["flow.anchor_fit=lstsq"],
     ["flow.anchor_fit=ridge", "flow.anchor=template"],
+    ["flow.morphology_in=dit"],
+    ["flow.morphology_dims=8", "flow.morphology_in=anchor", "flow.anchor=template"],
 ])
 def test_bad_morphology_settings_name_the_key(overrides):
-    with pytest.raises(ConfigError, match="flow.morphology_dims|flow.anchor_fit"):
+    with pytest.raises(ConfigError, match="flow.morphology_dims|flow.anchor_fit|flow.morphology_in"):
         load_config(ROOT / "configs" / "demo.yaml", overrides)
 
 
-@pytest.mark.parametrize("anchor_fit", ["sgd", "ridge"])
-def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit):
+@pytest.mark.parametrize("anchor_fit, morphology_in", [("sgd", "both"), ("ridge", "both"), ("ridge", "anchor")])
+def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit, morphology_in):
     from ecgflowcmr.flow.trainer import LatentSplit, train
 
     use_bridges(monkeypatch, real_ecg=False, real_vae=False)
     run = build_run(tmp_path / "run", n=16, real_ecg=False, real_vae=False)
     cfg = tiny_config(run, "flow.epochs=1", "flow.anchor=ecg", "flow.anchor_steps=5", "flow.anchor_hidden=8",
-                      "flow.morphology_dims=3", f"flow.anchor_fit={anchor_fit}")
+                      "flow.morphology_dims=3", f"flow.anchor_fit={anchor_fit}",
+                      f"flow.morphology_in={morphology_in}")
     train(cfg)
     ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
-    assert ckpt["flow"]["morphology_dims"] == 3 and ckpt["dit_arch"]["pooled_dim"] == FAKE_DIM + 3
+    dit_reads = FAKE_DIM + 3 if morphology_in == "both" else FAKE_DIM      # "anchor": the DiT reads stage 1 alone
+    assert ckpt["flow"]["morphology_dims"] == 3 and ckpt["dit_arch"]["pooled_dim"] == dit_reads
     assert ckpt["anchor_head"]["arch"]["pooled_dim"] == FAKE_DIM + 3
     assert (ckpt["anchor_head"]["arch"].get("kind") == "ridge") == (anchor_fit == "ridge")
     ecg = torch.from_numpy(np.load(run / "data" / "ecg.npy"))
@@ -179,3 +183,19 @@ def test_the_ridge_anchor_picks_a_strength_per_latent_value_by_leave_one_out():
     clone = anchor_from_arch(head.arch)
     clone.load_state_dict(head.state_dict())
     assert torch.equal(clone(None, t(x[n:])), head(None, t(x[n:])))
+
+
+def test_the_dit_reads_the_pooled_condition_up_to_its_width():
+    from ecgflowcmr.flow.dit import FlowDiT
+
+    torch.manual_seed(0)
+    dit = FlowDiT(latent_channels=2, num_frames=4, latent_size=4, ecg_dim=6, ecg_tokens=4, hidden=16, depth=1,
+                  heads=2, patch_size=2, pooled_dim=6)
+    torch.nn.init.normal_(dit.final.linear.weight)                  # a non-zero output to compare
+    for block in [*dit.blocks, dit.final]:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    z, t, tokens, pooled = torch.randn(2, 2, 4, 4, 4), torch.rand(2), torch.randn(2, 4, 6), torch.randn(2, 6)
+    wider = torch.cat([pooled, torch.randn(2, 3)], dim=-1)         # a code appended for the anchor alone
+    torch.testing.assert_close(dit(z, t, tokens, wider), dit(z, t, tokens, pooled), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="width 5"):
+        dit(z, t, tokens, pooled[:, :5])

@@ -207,7 +207,9 @@ class FlowDiT(nn.Module):
     Args:
         latent_channels, num_frames, latent_size: latent video shape ``(C, T, H=W)``.
         ecg_dim: width E of the stage-1 ECG tokens; ecg_tokens: their number S (50).
-        pooled_dim: width P of the pooled condition (default E; E + k with a morphology code of k numbers).
+        pooled_dim: width P of the pooled condition it reads (default E; E + k with a morphology code of k
+            numbers). A wider pooled input is read up to P: the code appended for the anchor alone
+            (``flow.morphology_in=anchor``).
         hidden, depth, heads, patch_size, mlp_ratio: from the ``flow`` config section.
     """
 
@@ -290,7 +292,10 @@ class FlowDiT(nn.Module):
                 ecg_pooled: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """``z_t (B, C, T, H, W)``, ``t (B,)``, ``ecg_tokens (B, S, E)``, ``ecg_pooled (B, P)``,
         ``drop (B,)`` bool (True = unconditional) -> velocity ``(B, C, T, H, W)``."""
-        ecg_tokens, ecg_pooled = self.apply_null(ecg_tokens, ecg_pooled, drop)
+        width = self.arch["pooled_dim"]
+        if ecg_pooled.shape[-1] < width:
+            raise ValueError(f"pooled ECG condition of width {ecg_pooled.shape[-1]}, the DiT reads {width}")
+        ecg_tokens, ecg_pooled = self.apply_null(ecg_tokens, ecg_pooled[..., :width], drop)
         x = self.x_embedder(self.patchify(z_t)) + self.pos_embed.to(z_t.dtype)        # (B, T, L, D)
         if self.ecg_frame_proj is not None:                                            # frame t <- token t
             x = x + self.ecg_frame_proj(ecg_tokens).unsqueeze(2)

@@ -549,7 +549,7 @@ class FlowStage(Stage):
         self.anchor_head, self.anchor_fit = anchor_head, anchor_fit
         self.amp = fl.amp                         # autocast() is bf16 on CUDA only
         self.dit = build_dit(fl, inputs.latent_shape, ecg_dim=inputs.ecg_dim, ecg_tokens=cfg.ecg.num_tokens,
-                             pooled_dim=inputs.pooled_dim)
+                             pooled_dim=inputs.pooled_dim if fl.morphology_in == "both" else inputs.ecg_dim)
         self.model = FlowModel(self.dit, inputs.encoder if fl.ecg_finetune else None).to(device)
         self.ema = EMA(self.model, fl.ema_decay)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, fl.lr, fl.ecg_lr, fl.weight_decay), lr=fl.lr)
@@ -617,7 +617,7 @@ class FlowStage(Stage):
                               "latent_shape": list(inputs.latent_shape), "normalized": True,
                               "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
                               "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight,
-                              "morphology_dims": fl.morphology_dims}})
+                              "morphology_dims": fl.morphology_dims, "morphology_in": fl.morphology_in}})
         if inputs.morphology is not None:
             ckpt["morphology"] = {k: v.detach().cpu() for k, v in inputs.morphology.state_dict().items()}
         if self.anchor_head is not None:
