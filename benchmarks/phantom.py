@@ -84,6 +84,8 @@ TRAINED = {
     # the ECG's morphology beside stage 1's tokens: k whitened principal components of the 12 median beats
     # at stage 1's R-peaks (ecg/morphology.py) in the pooled condition of the DiT and of the anchor head
     "morphology_64": (["flow.morphology_dims=64"], ()),
+    "morphology_64_seed_1": (["flow.morphology_dims=64", "seed=1"], ()),
+    "morphology_64_seed_2": (["flow.morphology_dims=64", "seed=2"], ()),
     "morphology_32": (["flow.morphology_dims=32"], ()),
     # ... with the anchor fitted in closed form (ridge regression of the whole latent video on the pooled
     # condition, its L2 strength chosen on the val split) instead of gradient steps that overfit within 50
