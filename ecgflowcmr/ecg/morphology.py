@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..data.beats import feature_count, median_beats
+from ..metrics.linear import Standardiser
 from .cycles import CycleOutput
 
 FS = 500
@@ -60,9 +61,8 @@ class MorphologyCode(nn.Module):
             raise ValueError(f"a morphology code of {dims} dims needs more training ECGs than dims "
                              f"(have {n}) and at most {f} dims")
         code = cls(f, dims)
-        code.mean = x.mean(0)
-        sd = x.std(0, unbiased=False)
-        code.sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))
+        st = Standardiser(x.cpu().numpy())
+        code.mean, code.sd = torch.from_numpy(st.mean), torch.from_numpy(st.sd)
         _, s, vh = torch.linalg.svd((x - code.mean) / code.sd, full_matrices=False)
         sv = s[:dims] / np.sqrt(n)                       # SD of each component's scores
         axes = vh[:dims].T

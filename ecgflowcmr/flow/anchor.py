@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..metrics.linear import Standardiser
+
 
 class AnchorHead(nn.Module):
     """``(ecg_tokens (B, S, E), ecg_pooled (B, P))`` -> normalised latent video ``(B, C, T, h, w)``
@@ -110,9 +112,8 @@ class RidgeAnchor(nn.Module):
         ``{"anchor_lambda_counts", "anchor_val", "anchor_val_mean_video"}``."""
         x, y = x.double(), y.double().flatten(1)
         n = len(x)
-        mean = x.mean(0)
-        sd = x.std(0, unbiased=False)
-        sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))
+        st = Standardiser(x.cpu().numpy())
+        mean, sd = torch.from_numpy(st.mean), torch.from_numpy(st.sd)
         u, s, vh = torch.linalg.svd((x - mean) / sd, full_matrices=False)
         y_mean = y.mean(0)
         yc = y - y_mean
