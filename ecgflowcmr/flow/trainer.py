@@ -226,7 +226,7 @@ def _stack(items: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def _anchor_mean(head: AnchorHead | None, cond: dict) -> torch.Tensor | None:
+def _anchor_mean(head: AnchorHead | RidgeAnchor | None, cond: dict) -> torch.Tensor | None:
     """The ECG anchor of a batch ``(B, C, T, h, w)`` (None: the template anchor)."""
     return None if head is None else head(cond["ecg_tokens"], cond["ecg_pooled"])
 
@@ -349,7 +349,7 @@ def validation_rows(n: int, subjects: int = 0) -> list[int]:
 @torch.no_grad()
 def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
                     batch_size: int, seed: int, amp: bool = True, unconditional: bool = False,
-                    anchor_head: AnchorHead | None = None, subjects: int = 0) -> float:
+                    anchor_head: AnchorHead | RidgeAnchor | None = None, subjects: int = 0) -> float:
     """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
     and noise from per-row seeds. Same weights -> same number, whatever the batch or world size.
     ``subjects > 0``: only ``validation_rows`` of that many (the same rows at every validation).
@@ -509,7 +509,7 @@ def condition_datasets(cfg: Config, inputs: FlowInputs, device: torch.device, ou
 
 
 def anchor_head_for(cfg: Config, inputs: FlowInputs, ckpt: dict | None, device: torch.device,
-                    log) -> tuple[AnchorHead | None, dict, bool]:
+                    log) -> tuple[AnchorHead | RidgeAnchor | None, dict, bool]:
     """The frozen ECG anchor head (``flow.anchor=ecg``; None for the template anchor): from the
     checkpoint a run resumes, or fitted now. Returns (head, its fit summary, fitted now)."""
     fl = cfg.flow
@@ -542,7 +542,7 @@ class FlowStage(Stage):
 
     name, rng_key, best_key, epoch_means = "flow", "flow_rng", "best_val", ("loss",)
 
-    def __init__(self, cfg: Config, inputs: FlowInputs, anchor_head: AnchorHead | None, anchor_fit: dict,
+    def __init__(self, cfg: Config, inputs: FlowInputs, anchor_head: AnchorHead | RidgeAnchor | None, anchor_fit: dict,
                  device: torch.device, steps_per_epoch: int, out: Path):
         fl = self.fl = cfg.flow
         self.cfg, self.inputs, self.device, self.out = cfg, inputs, device, out
