@@ -87,6 +87,11 @@ TRAINED = {
     "morphology_64_seed_1": (["flow.morphology_dims=64", "seed=1"], ()),
     "morphology_64_seed_2": (["flow.morphology_dims=64", "seed=2"], ()),
     "morphology_32": (["flow.morphology_dims=32"], ()),
+    # ... with Gaussian noise of SD 0.5 / 1 on the (unit-variance) code the DiT reads in training steps:
+    # conditioning augmentation against memorising each subject's 64 numbers (its conditional val loss
+    # was above its null one)
+    "morphology_64_noise_0.5": (["flow.morphology_dims=64", "flow.morphology_noise=0.5"], ()),
+    "morphology_64_noise_1": (["flow.morphology_dims=64", "flow.morphology_noise=1.0"], ()),
     # ... with the anchor fitted in closed form (ridge regression of the whole latent video on the pooled
     # condition, its L2 strength chosen on the val split) instead of gradient steps that overfit within 50
     "morphology_64_ridge": (["flow.morphology_dims=64", "flow.anchor_fit=ridge"], ()),

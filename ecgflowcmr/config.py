@@ -168,6 +168,9 @@ class FlowConfig(TrainLoop):
                                     # (whitened PCA of the median beats of the 12 leads at stage 1's R-peaks,
                                     # fitted on the training ECGs: ecg/morphology.py); 0 = stage 1's alone
     morphology_in: str = "both"     # who reads the code: both (the DiT's adaLN and the ECG anchor) | anchor
+    morphology_noise: float = 0.0   # SD of Gaussian noise added to the (unit-variance) code the DiT reads in
+                                    # training steps: conditioning augmentation against memorising each
+                                    # subject's k numbers; the anchor, validation and generation read it clean
     snapshot_steps: list[int] = field(default_factory=list)  # also save the EMA weights at these steps
                                     # (flow/snapshots/step_NNNNNN.pt, loadable like best.pt): learning curves
     motion_weight: float = 0.0      # extra loss weight on the motion part of the latent (the latent minus its
@@ -635,6 +638,10 @@ def _validate_flow(fl: FlowConfig, ecg: ECGConfig) -> None:
     _require(fl.morphology_in in ("both", "anchor"), "flow.morphology_in", "must be both or anchor")
     _require(fl.morphology_in == "both" or fl.morphology_dims == 0 or fl.anchor == "ecg", "flow.morphology_in",
              "anchor: only the ECG anchor reads the code; it needs flow.anchor=ecg")
+    _require(fl.morphology_noise >= 0, "flow.morphology_noise", "must be >= 0 (0: the code read clean)")
+    _require(fl.morphology_noise == 0 or (fl.morphology_dims > 0 and fl.morphology_in == "both"),
+             "flow.morphology_noise", "noises the code the DiT reads: it needs flow.morphology_dims > 0 and "
+             "flow.morphology_in=both")
     _require(fl.morphology_dims == 0 or not fl.ecg_finetune, "flow.morphology_dims",
              "the morphology code is read beside the frozen encoder's tokens: use flow.ecg_finetune=false")
     _require(fl.morphology_dims == 0 or ecg.cycle_mode not in ("window", "official"), "flow.morphology_dims",

@@ -68,3 +68,19 @@ def test_bootstrap_ci_brackets_the_value():
     b = a + rng.normal(size=100)
     lo, hi = L.bootstrap_ci(L.pearson, a, b, n_boot=300)
     assert lo < L.pearson(a, b) < hi
+
+
+@pytest.mark.parametrize("rho", [0.4, 0.6, 0.8])
+def test_a_calibrated_sampler_correlates_at_r_squared(rho):
+    """y = pred + e with corr(pred, y) = rho: one draw from N(pred, var(e)) correlates with y at rho^2, the
+    mean of k draws at rho^2 / sqrt(rho^2 + (1 - rho^2) / k) (Gaussian closed forms)."""
+    rng = np.random.default_rng(12345)        # not the draws' own seed (0): their noise must be independent
+    n = 20000
+    pred = rho * rng.standard_normal(n)
+    y = pred + np.sqrt(1 - rho ** 2) * rng.standard_normal(n)
+    low = y < -1.0
+    one, four = L.calibrated_draws(pred, y, low, 1, draws=20), L.calibrated_draws(pred, y, low, 4, draws=20)
+    assert one["r"] == pytest.approx(rho ** 2, abs=0.01)
+    assert four["r"] == pytest.approx(rho ** 2 / np.sqrt(rho ** 2 + (1 - rho ** 2) / 4), abs=0.01)
+    assert one["residual_sd"] == pytest.approx(np.sqrt(1 - rho ** 2), abs=0.01)
+    assert 0.5 < one["auc"] < four["auc"] < L.auc(-pred, low)

@@ -100,25 +100,60 @@ def test_an_encoder_without_rpeaks_is_refused_by_name():
     ["flow.anchor_fit=ridge", "flow.anchor=template"],
     ["flow.morphology_in=dit"],
     ["flow.morphology_dims=8", "flow.morphology_in=anchor", "flow.anchor=template"],
+    ["flow.morphology_dims=8", "flow.morphology_noise=-0.5"],
+    ["flow.morphology_noise=0.5"],
+    ["flow.morphology_dims=8", "flow.morphology_in=anchor", "flow.anchor=ecg", "flow.morphology_noise=0.5"],
 ])
 def test_bad_morphology_settings_name_the_key(overrides):
-    with pytest.raises(ConfigError, match="flow.morphology_dims|flow.anchor_fit|flow.morphology_in"):
+    with pytest.raises(ConfigError, match="flow.morphology_(dims|in|noise)|flow.anchor_fit"):
         load_config(ROOT / "configs" / "demo.yaml", overrides)
 
 
-@pytest.mark.parametrize("anchor_fit, morphology_in", [("sgd", "both"), ("ridge", "both"), ("ridge", "anchor")])
-def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit, morphology_in):
+def test_the_code_noise_touches_the_code_columns_alone():
+    from ecgflowcmr.flow.trainer import noisy_code
+
+    pooled = torch.arange(20000 * 5, dtype=torch.float32).view(20000, 5)
+    out = noisy_code(pooled, 2, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :3], pooled[:, :3])
+    noise = (out[:, 3:] - pooled[:, 3:]).double()
+    assert noise.mean(0).abs().max() < 0.02 and (noise.std(0) - 0.5).abs().max() < 0.01
+    assert abs(float(torch.corrcoef(noise.T)[0, 1])) < 0.03
+
+
+@pytest.mark.parametrize("anchor_fit, morphology_in, noise", [("sgd", "both", 0.0), ("ridge", "both", 0.0),
+                                                              ("ridge", "anchor", 0.0), ("sgd", "both", 0.5)])
+def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit, morphology_in, noise):
+    from ecgflowcmr.flow import trainer as flow_trainer
     from ecgflowcmr.flow.trainer import LatentSplit, train
 
     use_bridges(monkeypatch, real_ecg=False, real_vae=False)
+    seen = {"anchor": [], "dit": []}      # the pooled condition each reads in training steps (validation: no grad)
+    anchor_mean, loss = flow_trainer._anchor_mean, flow_trainer.flow_matching_loss
+
+    def spy(key, pooled):
+        if torch.is_grad_enabled():
+            seen[key].append(pooled)
+    monkeypatch.setattr(flow_trainer, "_anchor_mean",
+                        lambda head, cond: spy("anchor", cond["ecg_pooled"]) or anchor_mean(head, cond))
+    monkeypatch.setattr(flow_trainer, "flow_matching_loss",
+                        lambda *a, **kw: spy("dit", kw["ecg_pooled"]) or loss(*a, **kw))
     run = build_run(tmp_path / "run", n=16, real_ecg=False, real_vae=False)
     cfg = tiny_config(run, "flow.epochs=1", "flow.anchor=ecg", "flow.anchor_steps=5", "flow.anchor_hidden=8",
                       "flow.morphology_dims=3", f"flow.anchor_fit={anchor_fit}",
-                      f"flow.morphology_in={morphology_in}")
+                      f"flow.morphology_in={morphology_in}", f"flow.morphology_noise={noise}")
     train(cfg)
     ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
     dit_reads = FAKE_DIM + 3 if morphology_in == "both" else FAKE_DIM      # "anchor": the DiT reads stage 1 alone
     assert ckpt["flow"]["morphology_dims"] == 3 and ckpt["dit_arch"]["pooled_dim"] == dit_reads
+    assert ckpt["flow"]["morphology_noise"] == noise
+    # the DiT's training condition is the anchor's (clean) one, plus noise on the code's columns when asked
+    assert len(seen["dit"]) == len(seen["anchor"]) >= 1
+    delta = torch.cat(seen["dit"]) - torch.cat(seen["anchor"])
+    assert torch.equal(delta[:, :FAKE_DIM], torch.zeros_like(delta[:, :FAKE_DIM]))
+    if noise:
+        assert 0.3 < float(delta[:, FAKE_DIM:].std()) < 0.7
+    else:
+        assert torch.equal(delta, torch.zeros_like(delta))
     assert ckpt["anchor_head"]["arch"]["pooled_dim"] == FAKE_DIM + 3
     assert (ckpt["anchor_head"]["arch"].get("kind") == "ridge") == (anchor_fit == "ridge")
     ecg = torch.from_numpy(np.load(run / "data" / "ecg.npy"))

@@ -225,6 +225,12 @@ def _stack(items: list[dict]) -> dict:
     return {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
 
 
+def noisy_code(pooled: torch.Tensor, k: int, sd: float, generator: torch.Generator) -> torch.Tensor:
+    """``pooled (B, E + k)`` with N(0, sd^2) added to its last ``k`` columns (the whitened morphology code)."""
+    noise = torch.randn((pooled.shape[0], k), generator=generator, device=pooled.device, dtype=pooled.dtype)
+    return torch.cat([pooled[:, :-k], pooled[:, -k:] + sd * noise], dim=1)
+
+
 @torch.no_grad()
 def _anchor_mean(head: AnchorHead | RidgeAnchor | None, cond: dict) -> torch.Tensor | None:
     """The ECG anchor of a batch ``(B, C, T, h, w)`` (None: the template anchor)."""
@@ -572,6 +578,8 @@ class FlowStage(Stage):
         drop = cfg_drop_mask(z1.shape[0], fl.cfg_drop, device=device, generator=rng)
         cond = _condition(batch, device)
         anchor_mean = _anchor_mean(self.anchor_head, cond)
+        if fl.morphology_noise > 0:          # after the anchor: it reads the code clean, as in generation
+            cond["ecg_pooled"] = noisy_code(cond["ecg_pooled"], fl.morphology_dims, fl.morphology_noise, rng)
         with autocast(device, self.amp):
             loss = flow_matching_loss(self.ddp_model, z1, self.inputs.anchor, t, noise, drop=drop,
                                       anchor_mean=anchor_mean, motion_weight=fl.motion_weight, **cond)
@@ -617,7 +625,8 @@ class FlowStage(Stage):
                               "latent_shape": list(inputs.latent_shape), "normalized": True,
                               "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
                               "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight,
-                              "morphology_dims": fl.morphology_dims, "morphology_in": fl.morphology_in}})
+                              "morphology_dims": fl.morphology_dims, "morphology_in": fl.morphology_in,
+                              "morphology_noise": fl.morphology_noise}})
         if inputs.morphology is not None:
             ckpt["morphology"] = {k: v.detach().cpu() for k, v in inputs.morphology.state_dict().items()}
         if self.anchor_head is not None:
