@@ -404,7 +404,8 @@ def diversity(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, samples: int, n: 
               batch: int) -> dict:
     """``samples`` cines per test ECG (noise seeds k = 0..samples-1) for the first ``n`` test subjects: the
     per-ECG spread (sample SD over k) of the generated area EF and LV end-diastolic area, averaged over
-    ECGs, beside the spread of the truth over the same subjects; and the scores of the mean over k."""
+    ECGs, beside the spread of the truth over the same subjects; the scores of one sample (averaged over k),
+    to set beside a calibrated sampler (benchmarks/ecg_ceiling.py, ``sampled1_*``), and of the mean over k."""
     n = min(n or len(scorer.ids), len(scorer.ids))
     ids = scorer.ids[:n]
     ef, area = np.empty((samples, n)), np.empty((samples, n))
@@ -426,11 +427,13 @@ def diversity(gen: ECGToCine, scorer: Scorer, ecg: np.ndarray, samples: int, n: 
            "ef_area_sd_true_over_subjects": float(np.std(scorer.gt_ef[:n], ddof=1)),
            "lv_ed_area_mm2_sd_true_over_subjects": float(np.std(scorer.true_ed["lv_ed_area_mm2"][:n], ddof=1)),
            "ef_area_sd_generated_over_subjects_k0": float(np.nanstd(ef[0], ddof=1)),
+           "single_sample_ef_area_corr": float(np.mean([L.pearson(e, scorer.gt_ef[:n]) for e in ef])),
            "mean_of_k_ef_area_corr": L.pearson(mean_ef, scorer.gt_ef[:n]),
            "mean_of_k_ef_area_mae": float(np.nanmean(np.abs(mean_ef - scorer.gt_ef[:n])))}
     low = scorer.low_ef()
     if low is not None:
         res["mean_of_k_lowef_auc"] = L.auc(-mean_ef, low[:n])
+        res["single_sample_lowef_auc"] = float(np.mean([L.auc(-e, low[:n]) for e in ef]))
     if scorer.gt_class is not None:
         res["per_class_sd_per_ecg"] = {
             c: {"n": int((scorer.gt_class[:n] == c).sum()),
