@@ -619,9 +619,10 @@ def main() -> None:
         record("template_only", scorer.score(template_only(model("full"), len(scorer.ids)), None))
     if "population_mean" in wanted:
         record("population_mean", scorer.population_mean())
-    if "vae_reconstruction" in wanted:
+    if "vae_reconstruction" in wanted:     # every variant without its own stage 2 shares the base run's VAE
+        vae_of = args.sample_model if not TRAINED[args.sample_model][1] else "full"
         record("vae_reconstruction",
-               scorer.score(vae_reconstruction(model("full"), scorer.prepared, scorer.test, batch), None))
+               scorer.score(vae_reconstruction(model(vae_of), scorer.prepared, scorer.test, batch), None))
     if "real_cine" in wanted:    # the real test cines themselves: the readout's own floor (no model needed)
         record("real_cine", scorer.score(cine_from_uint8(np.asarray(scorer.prepared.cine[scorer.test]))[:, None], None))
     print(write_table(rows, extra, out, args.config))
