@@ -26,8 +26,9 @@ the L2 strength chosen by 5-fold cross-validation on the training rows only. Rep
   * the population mean of the training split on the same subjects (``*_mae_mean``);
   * 95 % bootstrap intervals over test subjects; 5-fold CV scores within the training split.
   * ``sampled1_*`` / ``sampled4_*``: the area-EF r and low-EF AUC of a generator calibrated to the reader: a
-    draw (the mean of 4 draws) from N(predicted area EF, SD of the reader's test residuals) per subject,
-    averaged over 200 draws: what one generated cine a subject can score is the first, not the reader's r.
+    draw (the mean of 4 draws) per subject from N(m, s^2), m the predicted area EF rescaled to the truth by
+    least squares, s the SD of the truth around m (metrics.linear.calibrated_draws), averaged over 200
+    draws: what one generated cine a subject can score is the first (r^2), not the reader's r.
 Writes ``<run_dir>/bench/ecg_ceiling[_<test name>].{json,md}``.
 """
 from __future__ import annotations

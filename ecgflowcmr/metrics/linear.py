@@ -96,11 +96,16 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 def calibrated_draws(pred: np.ndarray, y: np.ndarray, low: np.ndarray, k: int = 1, draws: int = 200,
                      seed: int = 0) -> dict:
     """What a generator calibrated to a reader would score: each subject's value drawn (the mean of ``k``
-    draws) from N(pred, s^2), s the SD of the reader's residuals ``y - pred``. When ``pred`` is the best
-    prediction, a single draw correlates with ``y`` at about r^2 (r: the reader's own correlation), not r:
-    the ECG leaves the rest of the heart open, and a faithful sampler draws it. Returns the means over
-    ``draws`` of Pearson r (draw vs ``y``) and of the AUC of minus the draw for ``low`` (bool (N,)), and s."""
+    draws) from N(m, s^2), m = a + b * pred the reader's prediction rescaled to ``y`` by least squares (ridge
+    shrinks its predictions toward the mean; a calibrated sampler's mean would not be), s the SD of
+    ``y - m``. A single draw then correlates with ``y`` at r^2 (r: the reader's correlation), not r: the
+    ECG leaves the rest of the heart open, and a faithful sampler draws it; the mean of k draws at
+    r^2 / sqrt(r^2 + (1 - r^2) / k). The rescaling uses ``y``: an oracle's calibration, for a ceiling.
+    Returns the means over ``draws`` of Pearson r (draw vs ``y``) and of the AUC of minus the draw for
+    ``low`` (bool (N,)), and s."""
     rng = np.random.default_rng(seed)
+    b, a = np.polyfit(pred, y, 1)
+    pred = a + b * pred
     sd = float(np.std(y - pred))
     r, aucs = [], []
     for _ in range(draws):
