@@ -87,6 +87,7 @@ TRAINED = {
     "morphology_64_seed_1": (["flow.morphology_dims=64", "seed=1"], ()),
     "morphology_64_seed_2": (["flow.morphology_dims=64", "seed=2"], ()),
     "morphology_32": (["flow.morphology_dims=32"], ()),
+    "morphology_64_2x": (["flow.morphology_dims=64", "flow.epochs=40"], ()),    # 2x the flow steps
     # ... with Gaussian noise of SD 0.5 / 1 on the (unit-variance) code the DiT reads in training steps:
     # conditioning augmentation against memorising each subject's 64 numbers (its conditional val loss
     # was above its null one)
