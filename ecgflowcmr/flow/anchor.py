@@ -146,6 +146,10 @@ def ridge_loo_mse(u: torch.Tensor, s: torch.Tensor, yc: torch.Tensor, penalty: f
     return (residual / (1 - leverage)[:, None]).pow(2).mean(0)
 
 
-def anchor_from_arch(arch: dict) -> nn.Module:
+# Either anchor: both map (ecg_tokens, ecg_pooled) to the normalised latent video and are frozen while the flow trains.
+ECGAnchor = AnchorHead | RidgeAnchor
+
+
+def anchor_from_arch(arch: dict) -> ECGAnchor:
     """The anchor a flow checkpoint describes: ``RidgeAnchor`` (``kind`` ridge) or ``AnchorHead``."""
     return RidgeAnchor.from_arch(arch) if arch.get("kind") == "ridge" else AnchorHead.from_arch(arch)

@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from ..utils.checkpoint import load_checkpoint, state_hash
 from ..utils.device import autocast
-from .anchor import AnchorHead, RidgeAnchor, anchor_from_arch
+from .anchor import ECGAnchor, anchor_from_arch
 from .dit import FlowDiT, dit_from_arch
 from .samplers import guided_velocity, integrate
 from .transport import LatentNorm, TemplateAnchor, template_hash
@@ -194,7 +194,7 @@ class ECGToCine:
 
     def __init__(self, dit: FlowDiT, encoder: nn.Module, vae: nn.Module, template: dict,
                  norm: LatentNorm, alpha: float, use_template: bool, device: torch.device,
-                 info: dict | None = None, amp: bool = True, anchor_head: AnchorHead | RidgeAnchor | None = None,
+                 info: dict | None = None, amp: bool = True, anchor_head: ECGAnchor | None = None,
                  residual_input: bool = False):
         self.dit = dit.to(device).eval()
         self.encoder = encoder.to(device).eval() if encoder is not None else None

@@ -45,7 +45,7 @@ from ..utils.stage import StageRun, run_stage
 from ..utils.train import EMA, cosine_schedule, optimizer_step
 from ..utils.trainer import LoopSettings, Stage, Trainer
 from . import generator as gen
-from .anchor import AnchorHead, RidgeAnchor
+from .anchor import AnchorHead, ECGAnchor, RidgeAnchor
 from .dit import build_dit
 from .generator import ECGToCine, FlowModel, encoder_state_from, module_hash, sample_seed
 from .transport import (
@@ -232,7 +232,7 @@ def noisy_code(pooled: torch.Tensor, k: int, sd: float, generator: torch.Generat
 
 
 @torch.no_grad()
-def _anchor_mean(head: AnchorHead | RidgeAnchor | None, cond: dict) -> torch.Tensor | None:
+def _anchor_mean(head: ECGAnchor | None, cond: dict) -> torch.Tensor | None:
     """The ECG anchor of a batch ``(B, C, T, h, w)`` (None: the template anchor)."""
     return None if head is None else head(cond["ecg_tokens"], cond["ecg_pooled"])
 
@@ -355,7 +355,7 @@ def validation_rows(n: int, subjects: int = 0) -> list[int]:
 @torch.no_grad()
 def validation_loss(model, dataset: FlowDataset, anchor: TemplateAnchor, device: torch.device,
                     batch_size: int, seed: int, amp: bool = True, unconditional: bool = False,
-                    anchor_head: AnchorHead | RidgeAnchor | None = None, subjects: int = 0) -> float:
+                    anchor_head: ECGAnchor | None = None, subjects: int = 0) -> float:
     """Deterministic flow-matching loss: rows sharded over ranks, ``VAL_T_POINTS`` fixed times,
     and noise from per-row seeds. Same weights -> same number, whatever the batch or world size.
     ``subjects > 0``: only ``validation_rows`` of that many (the same rows at every validation).
@@ -515,7 +515,7 @@ def condition_datasets(cfg: Config, inputs: FlowInputs, device: torch.device, ou
 
 
 def anchor_head_for(cfg: Config, inputs: FlowInputs, ckpt: dict | None, device: torch.device,
-                    log) -> tuple[AnchorHead | RidgeAnchor | None, dict, bool]:
+                    log) -> tuple[ECGAnchor | None, dict, bool]:
     """The frozen ECG anchor head (``flow.anchor=ecg``; None for the template anchor): from the
     checkpoint a run resumes, or fitted now. Returns (head, its fit summary, fitted now)."""
     fl = cfg.flow
@@ -548,7 +548,7 @@ class FlowStage(Stage):
 
     name, rng_key, best_key, epoch_means = "flow", "flow_rng", "best_val", ("loss",)
 
-    def __init__(self, cfg: Config, inputs: FlowInputs, anchor_head: AnchorHead | RidgeAnchor | None, anchor_fit: dict,
+    def __init__(self, cfg: Config, inputs: FlowInputs, anchor_head: ECGAnchor | None, anchor_fit: dict,
                  device: torch.device, steps_per_epoch: int, out: Path):
         fl = self.fl = cfg.flow
         self.cfg, self.inputs, self.device, self.out = cfg, inputs, device, out
