@@ -51,6 +51,56 @@ def test_the_code_whitens_the_training_rows_along_their_principal_axes():
         MorphologyCode.fit(x[:4], 4)
 
 
+def _latent_problem(seed: int, signal: float):
+    """ECG-like features ``x (300, 40)``; latents ``y (300, 500)``: a 2-dim function of ``x`` (its weight
+    ``signal``) beside 8 strong directions and noise that ``x`` does not predict."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, 40)) * rng.uniform(0.5, 3, 40) + 5
+    truth = (x - x.mean(0)) @ rng.normal(size=(40, 2)) / 10
+    y = (signal * truth @ rng.normal(size=(2, 500)) + rng.normal(size=(300, 8)) @ rng.normal(size=(8, 500)) * 2
+         + rng.normal(size=(300, 500)))
+    return x, y, truth
+
+
+def _r2(target: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Per column of ``target``, the share of its variance a least-squares fit on ``z`` explains."""
+    a = np.c_[z, np.ones(len(z))]
+    return 1 - (target - a @ np.linalg.lstsq(a, target, rcond=None)[0]).var(0) / target.var(0)
+
+
+def test_the_latent_code_finds_the_directions_the_ecg_predicts():
+    from ecgflowcmr.ecg.morphology import fit_latent_code
+
+    x, y, truth = _latent_problem(0, signal=1.0)
+    code, oof, fit = fit_latent_code(x, y, 2)
+    scores = code(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(scores.mean(0), 0, atol=1e-9)
+    np.testing.assert_allclose(scores.std(0), 1, atol=1e-9)
+    assert (_r2(truth, scores) > 0.95).all() and (_r2(truth, oof) > 0.95).all()   # 0.996, 0.99
+    # the PCA code of the same features spends its 2 numbers on their largest axes, not on the heart's
+    assert (_r2(truth, MorphologyCode.fit(x, 2)(torch.from_numpy(x)).numpy()) < 0.2).all()     # 0.05 0.14
+    assert oof.shape == (300, 2) and 0.8 < min(fit["oof_code_sd"]) <= max(fit["oof_code_sd"]) < 1.1
+    assert fit["oof_error"] < fit["total_error"] and sum(fit["lambda_counts"].values()) == 64
+    again = MorphologyCode.from_state({k: v.clone() for k, v in code.state_dict().items()})
+    assert torch.equal(again(torch.from_numpy(x)), code(torch.from_numpy(x)))
+    with pytest.raises(ValueError, match="more training ECGs than dims"):
+        fit_latent_code(x[:9], y[:9], 2)
+
+
+def test_out_of_fold_codes_do_not_know_latents_the_ecg_does_not_predict():
+    """Latents independent of the ECG: a training row's in-sample code has seen its latent (ridge fits
+    noise), its out-of-fold code has not. A flow trained on in-sample codes would learn a heart the code
+    pins down; on a new subject the code would pin nothing."""
+    from ecgflowcmr.ecg.morphology import fit_latent_code
+
+    x, y, _ = _latent_problem(1, signal=0.0)
+    code, oof, _ = fit_latent_code(x, y, 4)
+    yc = y - y.mean(0)
+    pcs = yc @ np.linalg.svd(yc, full_matrices=False)[2][:64].T
+    in_sample, out = _r2(pcs, code(torch.from_numpy(x)).numpy()), _r2(pcs, oof)   # per latent PC
+    assert in_sample.max() > 2 * out.max() and out.max() < 0.08      # 0.20 vs 0.036 (4 of 300 rows: 0.013)
+
+
 def _beats_at(peaks, beat: np.ndarray, length: int = 5000) -> np.ndarray:
     """``(12, length)``: ``beat (12, 400)`` placed with its sample 125 on every R-peak whose window
     (-250..+550 ms) lies in the record."""
@@ -102,10 +152,12 @@ def test_an_encoder_without_rpeaks_is_refused_by_name():
     ["flow.morphology_dims=8", "flow.morphology_in=anchor", "flow.anchor=template"],
     ["flow.morphology_dims=8", "flow.morphology_noise=-0.5"],
     ["flow.morphology_noise=0.5"],
+    ["flow.morphology_code=latent"],
+    ["flow.morphology_dims=8", "flow.morphology_code=supervised"],
     ["flow.morphology_dims=8", "flow.morphology_in=anchor", "flow.anchor=ecg", "flow.morphology_noise=0.5"],
 ])
 def test_bad_morphology_settings_name_the_key(overrides):
-    with pytest.raises(ConfigError, match="flow.morphology_(dims|in|noise)|flow.anchor_fit"):
+    with pytest.raises(ConfigError, match="flow.morphology_(dims|in|noise|code)|flow.anchor_fit"):
         load_config(ROOT / "configs" / "demo.yaml", overrides)
 
 
@@ -120,9 +172,11 @@ def test_the_code_noise_touches_the_code_columns_alone():
     assert abs(float(torch.corrcoef(noise.T)[0, 1])) < 0.03
 
 
-@pytest.mark.parametrize("anchor_fit, morphology_in, noise", [("sgd", "both", 0.0), ("ridge", "both", 0.0),
-                                                              ("ridge", "anchor", 0.0), ("sgd", "both", 0.5)])
-def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit, morphology_in, noise):
+@pytest.mark.parametrize("anchor_fit, morphology_in, noise, kind", [
+    ("sgd", "both", 0.0, "pca"), ("ridge", "both", 0.0, "pca"), ("ridge", "anchor", 0.0, "pca"),
+    ("sgd", "both", 0.5, "pca"), ("sgd", "both", 0.0, "latent")])
+def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit, morphology_in, noise,
+                                                           kind):
     from ecgflowcmr.flow import trainer as flow_trainer
     from ecgflowcmr.flow.trainer import LatentSplit, train
 
@@ -137,9 +191,13 @@ def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatc
                         lambda head, cond: spy("anchor", cond["ecg_pooled"]) or anchor_mean(head, cond))
     monkeypatch.setattr(flow_trainer, "flow_matching_loss",
                         lambda *a, **kw: spy("dit", kw["ecg_pooled"]) or loss(*a, **kw))
+    fitted = []
+    fit_latent_code = flow_trainer.fit_latent_code
+    monkeypatch.setattr(flow_trainer, "fit_latent_code", lambda *a, **kw: fitted.append(fit_latent_code(*a, **kw))
+                        or fitted[-1])
     run = build_run(tmp_path / "run", n=16, real_ecg=False, real_vae=False)
     cfg = tiny_config(run, "flow.epochs=1", "flow.anchor=ecg", "flow.anchor_steps=5", "flow.anchor_hidden=8",
-                      "flow.morphology_dims=3", f"flow.anchor_fit={anchor_fit}",
+                      "flow.morphology_dims=3", f"flow.anchor_fit={anchor_fit}", f"flow.morphology_code={kind}",
                       f"flow.morphology_in={morphology_in}", f"flow.morphology_noise={noise}")
     train(cfg)
     ckpt = torch.load(run / "flow" / "last.pt", weights_only=True)
@@ -169,6 +227,13 @@ def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatc
     encoded = pipe.encode(ecg[split.prepared_index]).pooled.numpy()
     assert cached.shape == encoded.shape == (len(split), FAKE_DIM + 3)
     np.testing.assert_allclose(encoded, cached, atol=1e-5)
+    assert ckpt["flow"]["morphology_code"] == kind and len(fitted) == (kind == "latent")
+    if kind == "latent":    # training steps read each row's out-of-fold code, not the full fit's
+        oof = fitted[0][1]
+        read = torch.cat(seen["dit"])[:, FAKE_DIM:].numpy()
+        to_oof = np.abs(read[:, None] - oof[None]).max(-1).min(1)           # distance to the nearest row
+        to_full = np.abs(read[:, None] - cached[None, :, FAKE_DIM:]).max(-1).min(1)
+        assert to_oof.max() < 1e-5 and to_full.min() > 1e-3
     out = pipe.generate(ecg[:2], seeds=[1, 2], steps=2)
     assert out.cine.shape == (2, 1, 50, 96, 96)
     assert type(pipe.anchor_head).__name__ == ("RidgeAnchor" if anchor_fit == "ridge" else "AnchorHead")

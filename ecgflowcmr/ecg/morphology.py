@@ -7,9 +7,16 @@ reader of the raw median beats with 0.87 (docs/phantom_bench.md). ``flow.morphol
 
 * ``data.beats.median_beats`` at the R-peaks stage 1 found (its phase wraps: the same rule in training
   and generation, no second detector): 12 leads x 40 bins + heart rate;
-* ``MorphologyCode``: standardised with the training split's means and SDs, projected on its first ``k``
-  principal components and scaled to unit variance (PCA whitening). Fitted on the training ECGs
-  alone, no label; a few components, not 481 raw numbers, because a few hundred subjects train the flow.
+* ``MorphologyCode``: standardised with the training split's means and SDs, projected on ``k`` axes and
+  scaled to unit variance. ``flow.morphology_code`` picks the axes, both fitted on the training split alone,
+  no label; a few numbers, not 481, because a few hundred subjects train the flow:
+  - ``pca``: the features' first ``k`` principal components (PCA whitening, the ECG alone);
+  - ``latent`` (``fit_latent_code``): the ``k`` directions of the training cines' latents that the ECG
+    predicts best (reduced-rank ridge regression of the latent video on the features). The PCA code spreads
+    what the ECG says about the heart over many axes mixed with what it does not; this one keeps only the
+    predictable part. Its training rows get out-of-fold values (each subject's code from a fit without it),
+    so the flow learns the heart given a code as noisy as a new subject's, not an in-sample fit that
+    already knows the heart.
 """
 from __future__ import annotations
 
@@ -82,6 +89,85 @@ class MorphologyCode(nn.Module):
         return (x @ self.basis).to(features.dtype if features.is_floating_point() else torch.float32)
 
 
+def ridge_multi(x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Weights ``(F, P)`` of ridge regression of centred ``y (N, P)`` on centred ``x (N, F)``, output column
+    ``j`` with ``penalty[j] * |w_j|^2`` (``penalty (P,)``; thin SVD: one factorisation for every column)."""
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    return vh.T @ ((s[:, None] / (s[:, None] ** 2 + penalty[None, :])) * (u.T @ y))
+
+
+LATENT_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e5)
+LATENT_TARGETS = 64          # principal components of the latent video the features are regressed on
+PCA_ROWS = 4096              # their axes from at most this many training rows (a cohort of 40k: 4.6 GB of latents)
+
+
+def fit_latent_code(features: np.ndarray | torch.Tensor, latents: np.ndarray | torch.Tensor, dims: int,
+                    folds: int = 5, seed: int = 0) -> tuple[MorphologyCode, np.ndarray, dict]:
+    """The ``dims`` directions of the latent video the ECG predicts best, from training rows alone.
+
+    ``features (N, F)``, ``latents (N, D)`` (flattened normalised latent videos). Steps: the latents'
+    first ``P = min(64, N - 1)`` principal-component scores ``T (N, P)`` (axes from at most ``PCA_ROWS``
+    rows); ridge of each column of ``T`` on
+    the standardised features, each with its own L2 strength ``lam * N`` from ``LATENT_LAMBDAS`` by
+    ``folds``-fold cross-validated error (a component the ECG does not predict gets the strongest, and
+    fitted values near zero: one shared strength would be set by the many such components); the top
+    ``dims`` right singular vectors ``R (P, dims)`` of the fitted scores (reduced-rank regression); code =
+    fitted scores on ``R``, divided by their SD. Returns ``(code, out_of_fold (N, dims), summary)``:
+    ``out_of_fold[i]`` is row ``i``'s code from the ridge fitted on the other folds (its standardiser
+    too), on the same axes ``R`` and scale (the axes see every row's latents: ``dims`` directions chosen
+    out of ``P``, a small leak, kept so that every fold's codes share one coordinate system).
+    """
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(latents), dtype=torch.float32).flatten(1)
+    n, f = x.shape
+    p = min(LATENT_TARGETS, n - 1, y.shape[1])
+    if len(y) != n:
+        raise ValueError(f"{n} feature rows but {len(y)} latent rows")
+    if not 0 < dims <= p or n < 2 * folds:
+        raise ValueError(f"a latent code of {dims} dims needs more training ECGs than dims (have {n}; at most "
+                         f"{p} dims) and at least {2 * folds} rows for its {folds}-fold fit")
+    rng = np.random.default_rng(seed)
+    y_mean = y.double().mean(0)
+    some = torch.from_numpy(np.sort(rng.permutation(n)[:PCA_ROWS]))     # the axes of at most PCA_ROWS rows
+    _, _, vh = torch.linalg.svd(y[some].double() - y_mean, full_matrices=False)
+    t = torch.cat([(y[lo:lo + 1024].double() - y_mean) @ vh[:p].T for lo in range(0, n, 1024)])  # (N, P) scores
+    parts = np.array_split(rng.permutation(n), folds)
+
+    def fold_fit(train: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Standardiser and ridge weights of rows ``train`` (standardised columns have zero mean there)."""
+        mean, sd = x[train].mean(0), x[train].std(0, unbiased=False)
+        sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))
+        return mean, sd, ridge_multi((x[train] - mean) / sd, t[train] - t[train].mean(0), lam * len(train))
+
+    def out_of_fold(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's ECG term ``(N, P)`` from the fit without its fold, and that fit's intercept."""
+        term, intercept = torch.empty_like(t), torch.empty_like(t)
+        for test in parts:
+            train, test = torch.from_numpy(np.setdiff1d(np.arange(n), test)), torch.from_numpy(test)
+            mean, sd, w = fold_fit(train, lam)
+            term[test], intercept[test] = ((x[test] - mean) / sd) @ w, t[train].mean(0)
+        return term, intercept
+
+    grid = torch.tensor(LATENT_LAMBDAS, dtype=torch.float64)
+    errors = torch.stack([(sum(out_of_fold(lam.expand(p))) - t).pow(2).mean(0) for lam in grid])   # (L, P)
+    lam = grid[errors.argmin(0)]                                         # (P,) one strength per component
+    mean, sd, w = fold_fit(torch.arange(n), lam)
+    fitted = ((x - mean) / sd) @ w                                       # (N, P), zero mean
+    _, s, rh = torch.linalg.svd(fitted, full_matrices=False)
+    axes = rh[:dims].T                                                   # (P, dims)
+    axes = axes * torch.sign(axes[axes.abs().argmax(0), torch.arange(dims)])
+    scale = (s[:dims] / np.sqrt(n)).clamp_min(1e-12)                     # SD of each in-sample code column
+    code = MorphologyCode(f, dims)
+    code.mean, code.sd, code.basis = mean, sd, (w @ axes) / scale
+    oof = (out_of_fold(lam)[0] @ axes / scale).numpy()   # the code has no intercept: the ECG's term alone
+    best = errors.min(0).values
+    summary = {"lambda_counts": {float(v): int((lam == v).sum()) for v in grid},
+               "oof_error": float(best.sum()), "total_error": float(t.pow(2).mean(0).sum()),
+               "explained": [float(v) for v in 1 - best / t.pow(2).mean(0)],
+               "oof_code_sd": [float(v) for v in oof.std(0)]}
+    return code, oof, summary
+
+
 def beat_features(encoder: nn.Module, ecg: torch.Tensor, out: CycleOutput | None = None) -> torch.Tensor:
     """``ecg (B, 12, L)`` -> median-beat features ``(B, 481)`` (float32) at the encoder's R-peaks."""
     if out is None:
@@ -111,13 +197,12 @@ class MorphologyEncoder(nn.Module):
 
 
 @torch.no_grad()
-def fit_morphology(encoder: nn.Module, ecg_array, rows: np.ndarray, dims: int, device: torch.device,
-                   batch_size: int = 32) -> MorphologyCode:
-    """The code fitted on the ECGs ``ecg_array[rows]`` (the training split) read by ``encoder``."""
+def training_features(encoder: nn.Module, ecg_array, rows: np.ndarray, device: torch.device,
+                      batch_size: int = 32) -> torch.Tensor:
+    """Median-beat features ``(len(rows), 481)`` of the ECGs ``ecg_array[rows]`` at ``encoder``'s R-peaks."""
     feats = []
     for lo in range(0, len(rows), batch_size):
         ecg = torch.from_numpy(np.stack([np.asarray(ecg_array[int(i)], dtype=np.float32)
                                          for i in rows[lo:lo + batch_size]]))
         feats.append(beat_features(encoder, ecg.to(device)))
-    feats = torch.cat(feats) if feats else torch.zeros(0, feature_count())
-    return MorphologyCode.fit(feats, dims)
+    return torch.cat(feats) if feats else torch.zeros(0, feature_count())

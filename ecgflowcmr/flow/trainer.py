@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError
 from ..data.datasets import MemmapPickling
-from ..ecg.morphology import MorphologyCode, MorphologyEncoder, fit_morphology
+from ..ecg.morphology import MorphologyCode, MorphologyEncoder, fit_latent_code, training_features
 from ..utils import dist as udist
 from ..utils.checkpoint import load_checkpoint, state_hash
 from ..utils.device import autocast
@@ -432,6 +432,7 @@ class FlowInputs:
     frozen_state: dict
     datasets: dict
     morphology: MorphologyCode | None = None
+    train_codes: np.ndarray | None = None     # (N_train, k) out-of-fold codes replacing the cached ones
 
     @property
     def condition_encoder(self) -> torch.nn.Module:
@@ -479,14 +480,23 @@ def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path,
     encoder, ecg_spec = gen.load_stage1_encoder(paths.ecg_ckpt, device, cfg.ecg.cycle_mode)
     encoder.eval()
     frozen_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
-    morphology = None
+    morphology, train_codes = None, None
     if fl.morphology_dims:
-        morphology = fit_morphology(encoder, prepared.ecg, splits["train"].prepared_index, fl.morphology_dims,
-                                    device, batch_size=max(fl.batch_size, 16))
-        log.info("morphology code: %d whitened components of the median beats of %d training ECGs "
-                 "(hash %s)", fl.morphology_dims, len(splits["train"]), state_hash(morphology.state_dict()))
+        rows = splits["train"].prepared_index
+        feats = training_features(encoder, prepared.ecg, rows, device, batch_size=max(fl.batch_size, 16))
+        if fl.morphology_code == "latent":
+            latents = norm.normalize(torch.from_numpy(np.array(splits["train"].z, dtype=np.float32)))
+            morphology, train_codes, fit = fit_latent_code(feats, latents.flatten(1), fl.morphology_dims,
+                                                           seed=cfg.seed)
+            log.info("latent code: out-of-fold error %.4g of %.4g (latent PC units; L2 strengths %s), "
+                     "out-of-fold code SD %s", fit["oof_error"], fit["total_error"], fit["lambda_counts"],
+                     " ".join(f"{v:.2f}" for v in fit["oof_code_sd"]))
+        else:
+            morphology = MorphologyCode.fit(feats, fl.morphology_dims)
+        log.info("morphology code (%s): %d numbers from the median beats of %d training ECGs (hash %s)",
+                 fl.morphology_code, fl.morphology_dims, len(rows), state_hash(morphology.state_dict()))
     inputs = FlowInputs(template, template_hash(template), vae, vae_spec, norm, anchor, splits, prepared,
-                        encoder, ecg_spec, frozen_state, {}, morphology)
+                        encoder, ecg_spec, frozen_state, {}, morphology, train_codes)
     inputs.datasets = condition_datasets(cfg, inputs, device, out, log)
     if not inputs.ecg_dim:
         raise RuntimeError("the stage-1 encoder does not report its token width (encoder.dim)")
@@ -510,7 +520,10 @@ def condition_datasets(cfg: Config, inputs: FlowInputs, device: torch.device, ou
             log.info("caching frozen-encoder ECG tokens of %d %s subjects -> %s", len(splits[s]), s, folder)
             ConditionCache.build(folder, encoder, inputs.prepared.ecg, splits[s].prepared_index, device,
                                  batch_size=max(fl.batch_size, 16), desc=s, amp=cfg.ecg.amp)
-        datasets[s] = FlowDataset(splits[s], inputs.norm, cache=ConditionCache(folder))
+        cache = ConditionCache(folder)
+        if s == "train" and inputs.train_codes is not None:   # the cache keeps the full fit's codes
+            cache.pooled = np.concatenate([cache.pooled[:, :inputs.ecg_dim], inputs.train_codes], 1).astype(np.float32)
+        datasets[s] = FlowDataset(splits[s], inputs.norm, cache=cache)
     return datasets
 
 
@@ -626,6 +639,7 @@ class FlowStage(Stage):
                               "t_sampling": fl.t_sampling, "cfg_drop": fl.cfg_drop, "anchor": fl.anchor,
                               "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight,
                               "morphology_dims": fl.morphology_dims, "morphology_in": fl.morphology_in,
+                              "morphology_code": fl.morphology_code,
                               "morphology_noise": fl.morphology_noise}})
         if inputs.morphology is not None:
             ckpt["morphology"] = {k: v.detach().cpu() for k, v in inputs.morphology.state_dict().items()}
