@@ -15,7 +15,11 @@ scored on the test split of ``--test-config`` (default: ``--config``'s own test 
   (c) ``raw_ecg_stage1_rpeaks``: reader (a) with the beats cut at stage 1's R-peaks (its phase wraps)
       instead of the prepared consensus R-peaks; ``morphology_<k>``: a linear probe of the k-number
       morphology code (``flow.morphology_dims``, ecg/morphology.py: whitened PCA of those beats fitted on
-      the training ECGs), what the flow is given beside the tokens with that switch.
+      the training ECGs), what the flow is given beside the tokens with that switch;
+      ``latent_code_<k>``: a probe of the k-number latent code (``flow.morphology_code=latent``: the
+      directions of the training cines' latents those beats predict best), fitted on the training rows'
+      out-of-fold codes as the flow reads them, and ``latent_code_<k>_in_sample`` on their in-sample codes
+      (needs stage 2's cached latents).
 Per reader: ridge regression of volume EF and of area EF, L2 logistic regression of volume EF < 40 %,
 the L2 strength chosen by 5-fold cross-validation on the training rows only. Reported on the test set:
   * ``lowef_auc``: AUC of the logistic probability for volume EF < 40 %;
@@ -46,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecgflowcmr.config import load_config  # noqa: E402
 from ecgflowcmr.data.datasets import Prepared  # noqa: E402
-from ecgflowcmr.ecg.morphology import MorphologyCode, beat_features  # noqa: E402
+from ecgflowcmr.ecg.morphology import MorphologyCode, beat_features, fit_latent_code  # noqa: E402
 from ecgflowcmr.metrics import linear as L  # noqa: E402
 
 LOW_EF = 40.0     # volume EF (%) below which a heart counts as a case
@@ -69,6 +73,27 @@ def stage1_features(encoder, prepared: Prepared, idx: np.ndarray, batch: int = 3
         grouped.append(tok.reshape(tok.shape[0], 5, -1, tok.shape[-1]).mean(2).flatten(1).numpy())
     return {"stage1_pooled": np.concatenate(pooled), "stage1_tokens5": np.concatenate(grouped),
             "raw_ecg_stage1_rpeaks": np.concatenate(beats)}
+
+
+def training_latents(cfg, train_idx: np.ndarray) -> np.ndarray | None:
+    """Stage 2's normalised latents of the training rows ``train_idx`` (in that order), flattened
+    ``(N, D)``, as the flow reads them; None without the cache."""
+    from ecgflowcmr.flow.trainer import LatentSplit
+    from ecgflowcmr.flow.transport import LatentNorm
+    from ecgflowcmr.utils.checkpoint import load_checkpoint
+
+    latents = cfg.run_path / "latents"
+    if not (latents / "train.npy").is_file() or not (latents / "template.pt").is_file():
+        return None
+    split = LatentSplit(latents, "train")
+    where = {int(p): i for i, p in enumerate(split.prepared_index)}
+    if any(int(i) not in where for i in train_idx):
+        raise SystemExit(f"'{latents}/train_index.csv' lacks training rows of the prepared data: re-run the "
+                         "latent extraction (train_disentangle_vae3d.py --extract-only)")
+    norm = LatentNorm.from_template({k: (v.float() if isinstance(v, torch.Tensor) else v)
+                                     for k, v in load_checkpoint(latents / "template.pt").items()})
+    z = torch.from_numpy(np.stack([np.asarray(split.z[where[int(i)]], dtype=np.float32) for i in train_idx]))
+    return norm.normalize(z).flatten(1).numpy()
 
 
 def truth(prepared: Prepared, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -122,6 +147,8 @@ def main() -> None:
                                                       "'none' skips the stage-1 probes)")
     parser.add_argument("--morphology-dims", default="16,32,64",
                         help="comma-separated k: a probe of each k-number morphology code ('' for none)")
+    parser.add_argument("--latent-dims", default="4,8,16",
+                        help="comma-separated k: a probe of each k-number latent code ('' for none)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
@@ -146,6 +173,16 @@ def main() -> None:
             code = MorphologyCode.fit(a["raw_ecg_stage1_rpeaks"], k)
             feats[f"morphology_{k}"] = tuple(code(torch.from_numpy(x)).numpy()
                                              for x in (a["raw_ecg_stage1_rpeaks"], b["raw_ecg_stage1_rpeaks"]))
+        latent_dims = [int(v) for v in args.latent_dims.split(",") if v]
+        z = training_latents(cfg, train_idx) if latent_dims else None
+        for k in latent_dims if z is not None else ():
+            code, oof, _ = fit_latent_code(a["raw_ecg_stage1_rpeaks"], z, k, seed=cfg.seed)
+            test_code = code(torch.from_numpy(b["raw_ecg_stage1_rpeaks"])).numpy()
+            feats[f"latent_code_{k}"] = (oof, test_code)
+            feats[f"latent_code_{k}_in_sample"] = (code(torch.from_numpy(a["raw_ecg_stage1_rpeaks"])).numpy(),
+                                                   test_code)
+        if latent_dims and z is None:
+            print(f"no cached latents under '{cfg.run_path / 'latents'}': latent-code probes skipped", flush=True)
         timing["stage1_features_s"] = time.perf_counter() - t0
     elif args.encoder != "none":
         print(f"no stage-1 checkpoint at '{enc_path}' (train_ecg.py writes it): stage-1 probes skipped", flush=True)

@@ -100,6 +100,12 @@ TRAINED = {
     # ... the code read by the ridge anchor alone: the DiT conditions on stage 1's tokens as in `full`
     "morphology_64_ridge_anchor_only": (["flow.morphology_dims=64", "flow.anchor_fit=ridge",
                                          "flow.morphology_in=anchor"], ()),
+    # k numbers that the median beats predict of the training cines' latents (reduced-rank ridge; training rows
+    # read out-of-fold codes, as noisy as a new subject's) instead of the beats' own principal components
+    "latent_4": (["flow.morphology_dims=4", "flow.morphology_code=latent"], ()),
+    "latent_8": (["flow.morphology_dims=8", "flow.morphology_code=latent"], ()),
+    "latent_16": (["flow.morphology_dims=16", "flow.morphology_code=latent"], ()),
+    "latent_motion_4": (["flow.morphology_dims=4", "flow.morphology_code=latent_motion"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),

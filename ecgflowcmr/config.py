@@ -169,7 +169,8 @@ class FlowConfig(TrainLoop):
                                     # fitted on the training ECGs: ecg/morphology.py); 0 = stage 1's alone
     morphology_code: str = "pca"    # its axes: pca (the median beats' principal components) | latent (the
                                     # directions of the training cines' latents the median beats predict best,
-                                    # reduced-rank ridge; training rows read out-of-fold codes)
+                                    # reduced-rank ridge; training rows read out-of-fold codes) | latent_motion
+                                    # (the same on the latents' motion: each latent minus its mean over frames)
     morphology_in: str = "both"     # who reads the code: both (the DiT's adaLN and the ECG anchor) | anchor
     morphology_noise: float = 0.0   # SD of Gaussian noise added to the (unit-variance) code the DiT reads in
                                     # training steps: conditioning augmentation against memorising each
@@ -641,9 +642,10 @@ def _validate_flow(fl: FlowConfig, ecg: ECGConfig) -> None:
     _require(fl.morphology_in in ("both", "anchor"), "flow.morphology_in", "must be both or anchor")
     _require(fl.morphology_in == "both" or fl.morphology_dims == 0 or fl.anchor == "ecg", "flow.morphology_in",
              "anchor: only the ECG anchor reads the code; it needs flow.anchor=ecg")
-    _require(fl.morphology_code in ("pca", "latent"), "flow.morphology_code", "must be pca or latent")
+    _require(fl.morphology_code in ("pca", "latent", "latent_motion"), "flow.morphology_code",
+             "must be pca, latent or latent_motion")
     _require(fl.morphology_code == "pca" or fl.morphology_dims > 0, "flow.morphology_code",
-             "latent reads a morphology code: it needs flow.morphology_dims > 0")
+             f"{fl.morphology_code} shapes a morphology code: it needs flow.morphology_dims > 0")
     _require(fl.morphology_noise >= 0, "flow.morphology_noise", "must be >= 0 (0: the code read clean)")
     _require(fl.morphology_noise == 0 or (fl.morphology_dims > 0 and fl.morphology_in == "both"),
              "flow.morphology_noise", "noises the code the DiT reads: it needs flow.morphology_dims > 0 and "

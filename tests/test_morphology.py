@@ -174,7 +174,7 @@ def test_the_code_noise_touches_the_code_columns_alone():
 
 @pytest.mark.parametrize("anchor_fit, morphology_in, noise, kind", [
     ("sgd", "both", 0.0, "pca"), ("ridge", "both", 0.0, "pca"), ("ridge", "anchor", 0.0, "pca"),
-    ("sgd", "both", 0.5, "pca"), ("sgd", "both", 0.0, "latent")])
+    ("sgd", "both", 0.5, "pca"), ("sgd", "both", 0.0, "latent"), ("ridge", "both", 0.0, "latent_motion")])
 def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatch, anchor_fit, morphology_in, noise,
                                                            kind):
     from ecgflowcmr.flow import trainer as flow_trainer
@@ -227,8 +227,8 @@ def test_training_and_generation_condition_on_the_same_code(tmp_path, monkeypatc
     encoded = pipe.encode(ecg[split.prepared_index]).pooled.numpy()
     assert cached.shape == encoded.shape == (len(split), FAKE_DIM + 3)
     np.testing.assert_allclose(encoded, cached, atol=1e-5)
-    assert ckpt["flow"]["morphology_code"] == kind and len(fitted) == (kind == "latent")
-    if kind == "latent":    # training steps read each row's out-of-fold code, not the full fit's
+    assert ckpt["flow"]["morphology_code"] == kind and len(fitted) == (kind != "pca")
+    if kind != "pca":    # training steps read each row's out-of-fold code, not the full fit's
         oof = fitted[0][1]
         read = torch.cat(seen["dit"])[:, FAKE_DIM:].numpy()
         to_oof = np.abs(read[:, None] - oof[None]).max(-1).min(1)           # distance to the nearest row

@@ -14,7 +14,8 @@ reader of the raw median beats with 0.87 (docs/phantom_bench.md). ``flow.morphol
   - ``latent`` (``fit_latent_code``): the ``k`` directions of the training cines' latents that the ECG
     predicts best (reduced-rank ridge regression of the latent video on the features). The PCA code spreads
     what the ECG says about the heart over many axes mixed with what it does not; this one keeps only the
-    predictable part. Its training rows get out-of-fold values (each subject's code from a fit without it),
+    predictable part (``latent_motion``: the same on each latent minus its mean over frames, the part
+    that moves). Its training rows get out-of-fold values (each subject's code from a fit without it),
     so the flow learns the heart given a code as noisy as a new subject's, not an in-sample fit that
     already knows the heart.
 """

@@ -484,8 +484,10 @@ def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path,
     if fl.morphology_dims:
         rows = splits["train"].prepared_index
         feats = training_features(encoder, prepared.ecg, rows, device, batch_size=max(fl.batch_size, 16))
-        if fl.morphology_code == "latent":
+        if fl.morphology_code != "pca":
             latents = norm.normalize(torch.from_numpy(np.array(splits["train"].z, dtype=np.float32)))
+            if fl.morphology_code == "latent_motion":       # (N, C, T, h, w): what moves, where EF lives
+                latents = latents - latents.mean(2, keepdim=True)
             morphology, train_codes, fit = fit_latent_code(feats, latents.flatten(1), fl.morphology_dims,
                                                            seed=cfg.seed)
             log.info("latent code: out-of-fold error %.4g of %.4g (latent PC units; L2 strengths %s), "
