@@ -16,10 +16,10 @@ scored on the test split of ``--test-config`` (default: ``--config``'s own test 
       instead of the prepared consensus R-peaks; ``morphology_<k>``: a linear probe of the k-number
       morphology code (``flow.morphology_dims``, ecg/morphology.py: whitened PCA of those beats fitted on
       the training ECGs), what the flow is given beside the tokens with that switch;
-      ``latent_code_<k>``: a probe of the k-number latent code (``flow.morphology_code=latent``: the
-      directions of the training cines' latents those beats predict best), fitted on the training rows'
-      out-of-fold codes as the flow reads them, and ``latent_code_<k>_in_sample`` on their in-sample codes
-      (needs stage 2's cached latents).
+      ``latent_code_<k>`` / ``latent_motion_code_<k>``: a probe of the k-number latent code
+      (``flow.morphology_code=latent`` / ``latent_motion``: the directions of the training cines' latents, or
+      of their motion, those beats predict best), fitted on the training rows' out-of-fold codes as the flow
+      reads them, and ``..._in_sample`` on their in-sample codes (needs stage 2's cached latents).
 Per reader: ridge regression of volume EF and of area EF, L2 logistic regression of volume EF < 40 %,
 the L2 strength chosen by 5-fold cross-validation on the training rows only. Reported on the test set:
   * ``lowef_auc``: AUC of the logistic probability for volume EF < 40 %;
@@ -38,6 +38,7 @@ Writes ``<run_dir>/bench/ecg_ceiling[_<test name>].{json,md}``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -94,6 +95,14 @@ def training_latents(cfg, train_idx: np.ndarray) -> np.ndarray | None:
                                      for k, v in load_checkpoint(latents / "template.pt").items()})
     z = torch.from_numpy(np.stack([np.asarray(split.z[where[int(i)]], dtype=np.float32) for i in train_idx]))
     return norm.normalize(z).flatten(1).numpy()
+
+
+def motion(z: np.ndarray, latents_dir: Path) -> np.ndarray:
+    """Flattened latents ``(N, D)`` minus each one's mean over frames (``flow.morphology_code=latent_motion``)."""
+    from ecgflowcmr.flow.trainer import LatentSplit
+
+    v = z.reshape(len(z), *LatentSplit(latents_dir, "train").latent_shape)        # (N, C, T, h, w)
+    return (v - v.mean(2, keepdims=True)).reshape(len(z), -1)
 
 
 def truth(prepared: Prepared, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -175,11 +184,12 @@ def main() -> None:
                                              for x in (a["raw_ecg_stage1_rpeaks"], b["raw_ecg_stage1_rpeaks"]))
         latent_dims = [int(v) for v in args.latent_dims.split(",") if v]
         z = training_latents(cfg, train_idx) if latent_dims else None
-        for k in latent_dims if z is not None else ():
-            code, oof, _ = fit_latent_code(a["raw_ecg_stage1_rpeaks"], z, k, seed=cfg.seed)
+        targets = {} if z is None else {"latent": z, "latent_motion": motion(z, cfg.run_path / "latents")}
+        for (kind, y), k in itertools.product(targets.items(), latent_dims):
+            code, oof, _ = fit_latent_code(a["raw_ecg_stage1_rpeaks"], y, k, seed=cfg.seed)
             test_code = code(torch.from_numpy(b["raw_ecg_stage1_rpeaks"])).numpy()
-            feats[f"latent_code_{k}"] = (oof, test_code)
-            feats[f"latent_code_{k}_in_sample"] = (code(torch.from_numpy(a["raw_ecg_stage1_rpeaks"])).numpy(),
+            feats[f"{kind}_code_{k}"] = (oof, test_code)
+            feats[f"{kind}_code_{k}_in_sample"] = (code(torch.from_numpy(a["raw_ecg_stage1_rpeaks"])).numpy(),
                                                    test_code)
         if latent_dims and z is None:
             print(f"no cached latents under '{cfg.run_path / 'latents'}': latent-code probes skipped", flush=True)
