@@ -490,8 +490,9 @@ def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path,
                 latents = latents - latents.mean(2, keepdim=True)
             morphology, train_codes, fit = fit_latent_code(feats, latents.flatten(1), fl.morphology_dims,
                                                            seed=cfg.seed)
-            log.info("latent code: out-of-fold error %.4g of %.4g (latent PC units; L2 strengths %s), "
-                     "out-of-fold code SD %s", fit["oof_error"], fit["total_error"], fit["lambda_counts"],
+            log.info("latent code: the median beats predict %.2f %% of the latents' first principal components "
+                     "out of fold (L2 strengths %s), out-of-fold code SD %s",
+                     100 * (1 - fit["oof_error"] / fit["total_error"]), fit["lambda_counts"],
                      " ".join(f"{v:.2f}" for v in fit["oof_code_sd"]))
         else:
             morphology = MorphologyCode.fit(feats, fl.morphology_dims)
