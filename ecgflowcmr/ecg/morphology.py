@@ -110,8 +110,9 @@ def fit_latent_code(features: np.ndarray | torch.Tensor, latents: np.ndarray | t
     first ``P = min(64, N - 1)`` principal-component scores ``T (N, P)`` (axes from at most ``PCA_ROWS``
     rows); ridge of each column of ``T`` on
     the standardised features, each with its own L2 strength ``lam * N`` from ``LATENT_LAMBDAS`` by
-    ``folds``-fold cross-validated error (a component the ECG does not predict gets the strongest, and
-    fitted values near zero: one shared strength would be set by the many such components); the top
+    ``folds``-fold cross-validated error (a component the ECG does not predict tends to get a strong one and
+    small fitted values, though the choice among near-equal errors is noisy; one shared strength would be set
+    by the many such components); the top
     ``dims`` right singular vectors ``R (P, dims)`` of the fitted scores (reduced-rank regression); code =
     fitted scores on ``R``, divided by their SD. Returns ``(code, out_of_fold (N, dims), summary)``:
     ``out_of_fold[i]`` is row ``i``'s code from the ridge fitted on the other folds (its standardiser
