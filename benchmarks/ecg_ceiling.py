@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ecgflowcmr.config import load_config  # noqa: E402
 from ecgflowcmr.data.datasets import Prepared  # noqa: E402
-from ecgflowcmr.ecg.morphology import MorphologyCode, beat_features, fit_latent_code  # noqa: E402
+from ecgflowcmr.ecg.morphology import MorphologyCode, beat_features, fit_latent_code, latent_targets  # noqa: E402
 from ecgflowcmr.metrics import linear as L  # noqa: E402
 
 LOW_EF = 40.0     # volume EF (%) below which a heart counts as a case
@@ -76,9 +76,9 @@ def stage1_features(encoder, prepared: Prepared, idx: np.ndarray, batch: int = 3
             "raw_ecg_stage1_rpeaks": np.concatenate(beats)}
 
 
-def training_latents(cfg, train_idx: np.ndarray) -> np.ndarray | None:
-    """Stage 2's normalised latents of the training rows ``train_idx`` (in that order), flattened
-    ``(N, D)``, as the flow reads them; None without the cache."""
+def training_latents(cfg, train_idx: np.ndarray) -> torch.Tensor | None:
+    """Stage 2's normalised latents of the training rows ``train_idx`` (in that order), ``(N, C, T, h, w)``,
+    as the flow reads them; None without the cache."""
     from ecgflowcmr.flow.trainer import LatentSplit
     from ecgflowcmr.flow.transport import LatentNorm
     from ecgflowcmr.utils.checkpoint import load_checkpoint
@@ -91,18 +91,9 @@ def training_latents(cfg, train_idx: np.ndarray) -> np.ndarray | None:
     if any(int(i) not in where for i in train_idx):
         raise SystemExit(f"'{latents}/train_index.csv' lacks training rows of the prepared data: re-run the "
                          "latent extraction (train_disentangle_vae3d.py --extract-only)")
-    norm = LatentNorm.from_template({k: (v.float() if isinstance(v, torch.Tensor) else v)
-                                     for k, v in load_checkpoint(latents / "template.pt").items()})
-    z = torch.from_numpy(np.stack([np.asarray(split.z[where[int(i)]], dtype=np.float32) for i in train_idx]))
-    return norm.normalize(z).flatten(1).numpy()
-
-
-def motion(z: np.ndarray, latents_dir: Path) -> np.ndarray:
-    """Flattened latents ``(N, D)`` minus each one's mean over frames (``flow.morphology_code=latent_motion``)."""
-    from ecgflowcmr.flow.trainer import LatentSplit
-
-    v = z.reshape(len(z), *LatentSplit(latents_dir, "train").latent_shape)        # (N, C, T, h, w)
-    return (v - v.mean(2, keepdims=True)).reshape(len(z), -1)
+    norm = LatentNorm.from_template(load_checkpoint(latents / "template.pt"))
+    return norm.normalize(torch.from_numpy(np.stack([np.asarray(split.z[where[int(i)]], dtype=np.float32)
+                                                     for i in train_idx])))
 
 
 def truth(prepared: Prepared, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -184,9 +175,8 @@ def main() -> None:
                                              for x in (a["raw_ecg_stage1_rpeaks"], b["raw_ecg_stage1_rpeaks"]))
         latent_dims = [int(v) for v in args.latent_dims.split(",") if v]
         z = training_latents(cfg, train_idx) if latent_dims else None
-        targets = {} if z is None else {"latent": z, "latent_motion": motion(z, cfg.run_path / "latents")}
-        for (kind, y), k in itertools.product(targets.items(), latent_dims):
-            code, oof, _ = fit_latent_code(a["raw_ecg_stage1_rpeaks"], y, k, seed=cfg.seed)
+        for kind, k in itertools.product(("latent", "latent_motion") if z is not None else (), latent_dims):
+            code, oof, _ = fit_latent_code(a["raw_ecg_stage1_rpeaks"], latent_targets(z, kind), k, seed=cfg.seed)
             test_code = code(torch.from_numpy(b["raw_ecg_stage1_rpeaks"])).numpy()
             feats[f"{kind}_code_{k}"] = (oof, test_code)
             feats[f"{kind}_code_{k}_in_sample"] = (code(torch.from_numpy(a["raw_ecg_stage1_rpeaks"])).numpy(),

@@ -91,15 +91,24 @@ class MorphologyCode(nn.Module):
 
 
 def ridge_multi(x: torch.Tensor, y: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """Weights ``(F, P)`` of ridge regression of centred ``y (N, P)`` on centred ``x (N, F)``, output column
-    ``j`` with ``penalty[j] * |w_j|^2`` (``penalty (P,)``; thin SVD: one factorisation for every column)."""
+    """Weights ``(..., F, P)`` of ridge regression of centred ``y (N, P)`` on centred ``x (N, F)``, output
+    column ``j`` with ``penalty[..., j] * |w_j|^2`` (``penalty (..., P)``: a leading axis fits several
+    strengths; one thin SVD for all of them)."""
     u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    return vh.T @ ((s[:, None] / (s[:, None] ** 2 + penalty[None, :])) * (u.T @ y))
+    return vh.T @ ((s[:, None] / (s[:, None] ** 2 + penalty[..., None, :])) * (u.T @ y))
 
 
 LATENT_LAMBDAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 1e5)
 LATENT_TARGETS = 64          # principal components of the latent video the features are regressed on
 PCA_ROWS = 4096              # their axes from at most this many training rows (a cohort of 40k: 4.6 GB of latents)
+
+
+def latent_targets(latents: torch.Tensor, kind: str) -> torch.Tensor:
+    """Normalised latent videos ``(N, C, T, h, w)`` -> what the ``kind`` code is fitted to, ``(N, D)``:
+    ``latent`` the videos, ``latent_motion`` each minus its mean over frames (what moves, where EF lives)."""
+    if kind == "latent_motion":
+        latents = latents - latents.mean(2, keepdim=True)
+    return latents.flatten(1)
 
 
 def fit_latent_code(features: np.ndarray | torch.Tensor, latents: np.ndarray | torch.Tensor, dims: int,
@@ -135,25 +144,23 @@ def fit_latent_code(features: np.ndarray | torch.Tensor, latents: np.ndarray | t
     t = torch.cat([(y[lo:lo + 1024].double() - y_mean) @ vh[:p].T for lo in range(0, n, 1024)])  # (N, P) scores
     parts = np.array_split(rng.permutation(n), folds)
 
-    def fold_fit(train: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Standardiser and ridge weights of rows ``train`` (standardised columns have zero mean there)."""
-        mean, sd = x[train].mean(0), x[train].std(0, unbiased=False)
-        sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))
-        return mean, sd, ridge_multi((x[train] - mean) / sd, t[train] - t[train].mean(0), lam * len(train))
+    def standardiser(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        st = Standardiser(x[rows].numpy())
+        return torch.from_numpy(st.mean), torch.from_numpy(st.sd)
 
-    def out_of_fold(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's ECG term ``(N, P)`` from the fit without its fold, and that fit's intercept."""
-        term, intercept = torch.empty_like(t), torch.empty_like(t)
-        for test in parts:
-            train, test = torch.from_numpy(np.setdiff1d(np.arange(n), test)), torch.from_numpy(test)
-            mean, sd, w = fold_fit(train, lam)
-            term[test], intercept[test] = ((x[test] - mean) / sd) @ w, t[train].mean(0)
-        return term, intercept
-
+    # each row's ECG term (L, N, P) for every strength, from the fit without its fold, and that fit's intercept
     grid = torch.tensor(LATENT_LAMBDAS, dtype=torch.float64)
-    errors = torch.stack([(sum(out_of_fold(lam.expand(p))) - t).pow(2).mean(0) for lam in grid])   # (L, P)
-    lam = grid[errors.argmin(0)]                                         # (P,) one strength per component
-    mean, sd, w = fold_fit(torch.arange(n), lam)
+    terms, intercept = torch.empty(len(grid), n, p, dtype=torch.float64), torch.empty_like(t)
+    for test in parts:
+        train, test = torch.from_numpy(np.setdiff1d(np.arange(n), test)), torch.from_numpy(test)
+        mean, sd = standardiser(train)
+        w = ridge_multi((x[train] - mean) / sd, t[train] - t[train].mean(0), grid[:, None].expand(-1, p) * len(train))
+        terms[:, test], intercept[test] = ((x[test] - mean) / sd) @ w, t[train].mean(0)
+    errors = (terms + intercept - t).pow(2).mean(1)                      # (L, P)
+    choice = errors.argmin(0)
+    lam = grid[choice]                                                   # (P,) one strength per component
+    mean, sd = standardiser(torch.arange(n))
+    w = ridge_multi((x - mean) / sd, t - t.mean(0), lam * n)
     fitted = ((x - mean) / sd) @ w                                       # (N, P), zero mean
     _, s, rh = torch.linalg.svd(fitted, full_matrices=False)
     axes = rh[:dims].T                                                   # (P, dims)
@@ -161,7 +168,8 @@ def fit_latent_code(features: np.ndarray | torch.Tensor, latents: np.ndarray | t
     scale = (s[:dims] / np.sqrt(n)).clamp_min(1e-12)                     # SD of each in-sample code column
     code = MorphologyCode(f, dims)
     code.mean, code.sd, code.basis = mean, sd, (w @ axes) / scale
-    oof = (out_of_fold(lam)[0] @ axes / scale).numpy()   # the code has no intercept: the ECG's term alone
+    oof_term = terms.gather(0, choice.expand(1, n, p))[0]                # (N, P) at each component's strength
+    oof = (oof_term @ axes / scale).numpy()          # the code has no intercept: the ECG's term alone
     best = errors.min(0).values
     summary = {"lambda_counts": {float(v): int((lam == v).sum()) for v in grid},
                "oof_error": float(best.sum()), "total_error": float(t.pow(2).mean(0).sum()),

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..config import Config, ConfigError
 from ..data.datasets import MemmapPickling
-from ..ecg.morphology import MorphologyCode, MorphologyEncoder, fit_latent_code, training_features
+from ..ecg.morphology import MorphologyCode, MorphologyEncoder, fit_latent_code, latent_targets, training_features
 from ..utils import dist as udist
 from ..utils.checkpoint import load_checkpoint, state_hash
 from ..utils.device import autocast
@@ -486,10 +486,8 @@ def load_inputs(cfg: Config, paths: StagePaths, device: torch.device, out: Path,
         feats = training_features(encoder, prepared.ecg, rows, device, batch_size=max(fl.batch_size, 16))
         if fl.morphology_code != "pca":
             latents = norm.normalize(torch.from_numpy(np.array(splits["train"].z, dtype=np.float32)))
-            if fl.morphology_code == "latent_motion":       # (N, C, T, h, w): what moves, where EF lives
-                latents = latents - latents.mean(2, keepdim=True)
-            morphology, train_codes, fit = fit_latent_code(feats, latents.flatten(1), fl.morphology_dims,
-                                                           seed=cfg.seed)
+            morphology, train_codes, fit = fit_latent_code(feats, latent_targets(latents, fl.morphology_code),
+                                                           fl.morphology_dims, seed=cfg.seed)
             log.info("latent code: the median beats predict %.2f %% of the latents' first principal components "
                      "out of fold (L2 strengths %s), out-of-fold code SD %s",
                      100 * (1 - fit["oof_error"] / fit["total_error"]), fit["lambda_counts"],
