@@ -106,6 +106,11 @@ TRAINED = {
     "latent_8": (["flow.morphology_dims=8", "flow.morphology_code=latent"], ()),
     "latent_16": (["flow.morphology_dims=16", "flow.morphology_code=latent"], ()),
     "latent_motion_4": (["flow.morphology_dims=4", "flow.morphology_code=latent_motion"], ()),
+    # morphology_64 with the training subjects drawn by phenotype class (the phantom's `class` column, as a
+    # diagnosis would be): each class a third of the draws (31 of 410 training hearts have EF < 40 %), or
+    # shares as the square roots of the class counts
+    "balanced": (["flow.morphology_dims=64", "flow.balance_by=class"], ()),
+    "balanced_0.5": (["flow.morphology_dims=64", "flow.balance_by=class", "flow.balance_power=0.5"], ()),
     # the paper's model, and each lever added to it alone
     "paper": (PAPER, ()),
     "paper_3x": ([*PAPER, "flow.epochs=60"], ()),

@@ -175,6 +175,12 @@ class FlowConfig(TrainLoop):
     morphology_noise: float = 0.0   # SD of Gaussian noise added to the (unit-variance) code the DiT reads in
                                     # training steps: conditioning augmentation against memorising each
                                     # subject's k numbers; the anchor, validation and generation read it clean
+    balance_by: str = ""            # a column of the prepared subjects.csv (a diagnosis, a phenotype class):
+                                    # training subjects are drawn with probability proportional to
+                                    # count(their value) ** -balance_power, so rare phenotypes come up more
+                                    # often; "" = every subject once an epoch (the paper)
+    balance_power: float = 1.0      # 1: every value drawn equally often; 0.5: shares as the square roots of
+                                    # the counts; 0: as in the data
     snapshot_steps: list[int] = field(default_factory=list)  # also save the EMA weights at these steps
                                     # (flow/snapshots/step_NNNNNN.pt, loadable like best.pt): learning curves
     motion_weight: float = 0.0      # extra loss weight on the motion part of the latent (the latent minus its
@@ -647,6 +653,7 @@ def _validate_flow(fl: FlowConfig, ecg: ECGConfig) -> None:
     _require(fl.morphology_code == "pca" or fl.morphology_dims > 0, "flow.morphology_code",
              f"{fl.morphology_code} shapes a morphology code: it needs flow.morphology_dims > 0")
     _require(fl.morphology_noise >= 0, "flow.morphology_noise", "must be >= 0 (0: the code read clean)")
+    _require(0 <= fl.balance_power <= 4, "flow.balance_power", "must be in [0, 4] (1: every value equally often)")
     _require(fl.morphology_noise == 0 or (fl.morphology_dims > 0 and fl.morphology_in == "both"),
              "flow.morphology_noise", "noises the code the DiT reads: it needs flow.morphology_dims > 0 and "
              "flow.morphology_in=both")

@@ -86,6 +86,7 @@ def test_anchor_head_starts_at_the_template_and_learns_an_ecg_determined_latent(
     (["flow.anchor_hidden=0"], "flow.anchor_hidden"),
     (["flow.anchor_steps=-1"], "flow.anchor_steps"),
     (["flow.anchor_lr=0"], "flow.anchor_lr"),
+    (["flow.balance_power=-0.5"], "flow.balance_power"),
 ])
 def test_bad_lever_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):

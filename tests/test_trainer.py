@@ -5,6 +5,7 @@ import json
 import logging
 import math
 
+import pytest
 import torch
 
 from ecgflowcmr.utils import dist as udist
@@ -45,9 +46,9 @@ class ToyStage(Stage):
         return {"optimizer": self.optimizer, "scheduler": self.scheduler}
 
 
-def make_trainer(out_dir, stage=None, **settings):
+def make_trainer(out_dir, stage=None, weights=None, **settings):
     data = torch.utils.data.TensorDataset(torch.randn(12, 3, generator=torch.Generator().manual_seed(1)))
-    loader = udist.make_loader(data, batch_size=4, train=True, seed=3)          # 3 steps per epoch
+    loader = udist.make_loader(data, batch_size=4, train=True, seed=3, weights=weights)   # 3 steps per epoch
     stage = stage or ToyStage()
     settings = LoopSettings(**{"epochs": 4, "log_every": 2, **settings})
     return Trainer(stage, loader, settings, out_dir, {"seed": 3}, 3, torch.device("cpu"),
@@ -60,18 +61,19 @@ def weights(path):
                   **{f"ema.{k}": v for k, v in ckpt["ema"].items()}}
 
 
-def test_resume_inside_an_epoch_gives_the_same_weights_as_a_straight_run(tmp_path):
+@pytest.mark.parametrize("rows", [None, [1.0, 5.0, 0.0, 2.0] * 3])        # each row once / drawn by weight
+def test_resume_inside_an_epoch_gives_the_same_weights_as_a_straight_run(tmp_path, rows):
     """12 steps straight == 5 steps (stopped inside epoch 2) + resume for 7 in a fresh object."""
-    straight, _ = make_trainer(tmp_path / "a")
+    straight, _ = make_trainer(tmp_path / "a", weights=rows)
     straight.restore(None)
     straight.fit()
-    first, _ = make_trainer(tmp_path / "b", max_steps=5)
+    first, _ = make_trainer(tmp_path / "b", weights=rows, max_steps=5)
     first.restore(None)
     first.fit()
     ckpt, _ = weights(tmp_path / "b" / "last.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["extra"]["epoch_step"]) == (5, 1, 2)
     torch.manual_seed(123)                                  # a new process: other global RNG, same checkpoint
-    second, _ = make_trainer(tmp_path / "b")
+    second, _ = make_trainer(tmp_path / "b", weights=rows)
     second.restore(ckpt)
     second.fit()
     a, wa = weights(tmp_path / "a" / "last.pt")

@@ -327,6 +327,45 @@ def fit_ridge_anchor(head: RidgeAnchor, train: FlowDataset, val: FlowDataset, mo
     return result
 
 
+def balance_weights(values, power: float, column: str = "values") -> tuple[np.ndarray, dict]:
+    """Sampling weights ``(N,)`` that draw rare categories more often: count(value) ** -power, mean 1
+    (missing values are a category of their own). Returns them and, per value, its subject count and
+    its expected share of the draws. Refuses a column that is not categorical (fewer than 5 subjects
+    a value on average): weights from a continuous column would be one subject each."""
+    import pandas as pd
+
+    series = pd.Series(values, dtype=object)
+    labels = series.where(series.notna(), "(missing)").astype(str).to_numpy()
+    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(labels) == 0 or len(uniq) > max(2, len(labels) // 5):
+        raise ConfigError(f"flow.balance_by: '{column}' has {len(uniq)} distinct values among {len(labels)} "
+                          "training subjects; balancing needs a categorical column (a diagnosis, a phenotype "
+                          "class): bin a continuous one first")
+    weights = counts[inverse].astype(np.float64) ** -float(power)
+    weights /= weights.mean()
+    shares = {str(u): {"subjects": int(c), "share": float(weights[inverse == i].sum() / weights.sum())}
+              for i, (u, c) in enumerate(zip(uniq, counts))}
+    return weights, shares
+
+
+def training_weights(cfg: Config, inputs: FlowInputs, log=None) -> tuple[np.ndarray | None, dict]:
+    """``flow.balance_by``'s sampling weights of the train split's rows (None: each row once an epoch)."""
+    fl = cfg.flow
+    if not fl.balance_by:
+        return None, {}
+    subjects = inputs.prepared.subjects
+    if fl.balance_by not in subjects.columns:
+        raise ConfigError(f"flow.balance_by: the prepared dataset's subjects.csv has no column '{fl.balance_by}' "
+                          f"(it has: {', '.join(map(str, subjects.columns))})")
+    rows = inputs.splits["train"].prepared_index
+    weights, shares = balance_weights(subjects[fl.balance_by].to_numpy()[rows], fl.balance_power, fl.balance_by)
+    if log is not None:
+        log.info("balanced by '%s' (power %g): %s", fl.balance_by, fl.balance_power,
+                 ", ".join(f"{k} {v['subjects']} subjects -> {100 * v['share']:.1f} % of draws"
+                           for k, v in shares.items()))
+    return weights, shares
+
+
 def param_groups(model: FlowModel, lr: float, ecg_lr: float, weight_decay: float) -> list[dict]:
     """AdamW groups: decay only on matrices; the encoder (when trained) at its own lr."""
     groups = []
@@ -641,7 +680,8 @@ class FlowStage(Stage):
                               "residual_input": inputs.anchor.residual_input, "motion_weight": fl.motion_weight,
                               "morphology_dims": fl.morphology_dims, "morphology_in": fl.morphology_in,
                               "morphology_code": fl.morphology_code,
-                              "morphology_noise": fl.morphology_noise}})
+                              "morphology_noise": fl.morphology_noise, "balance_by": fl.balance_by,
+                              "balance_power": fl.balance_power}})
         if inputs.morphology is not None:
             ckpt["morphology"] = {k: v.detach().cpu() for k, v in inputs.morphology.state_dict().items()}
         if self.anchor_head is not None:
@@ -709,8 +749,9 @@ def _train(run: StageRun, stop_after_epochs: int | None) -> dict:
     seed_everything(cfg.seed + udist.rank())
     inputs = load_inputs(cfg, paths, device, out, log)
     anchor_head, anchor_fit, fitted = anchor_head_for(cfg, inputs, ckpt, device, log)
+    weights, balance = training_weights(cfg, inputs, log)
     loader = udist.make_loader(inputs.datasets["train"], fl.batch_size, train=True, seed=cfg.seed,
-                               num_workers=fl.num_workers)
+                               num_workers=fl.num_workers, weights=weights)
     stage = FlowStage(cfg, inputs, anchor_head, anchor_fit, device, len(loader), out)
     settings = LoopSettings(epochs=fl.epochs, max_steps=fl.max_steps, log_every=fl.log_every,
                             val_every=fl.val_every, snapshot_steps=tuple(fl.snapshot_steps), step_log="log.jsonl")
@@ -732,7 +773,7 @@ def _train(run: StageRun, stop_after_epochs: int | None) -> dict:
                "best_val_loss": state.best if state.best < math.inf else None,
                "first_train_loss": trainer.first_loss, "history": state.history, "seconds": time.time() - started,
                "dit_parameters": n_params, "encoder": "fine-tuned" if fl.ecg_finetune else "frozen",
-               "best": str(trainer.best_path), "last": str(last_path)}
+               "best": str(trainer.best_path), "last": str(last_path), **({"balance": balance} if balance else {})}
     if udist.is_main():
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -23,7 +23,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 
 _RAN_PROCESS_GROUP = False       # this process initialised a process group (see exit_process)
 # How long a collective may wait for its slowest rank. NCCL's default (10 min) is shorter than what
@@ -126,14 +126,47 @@ def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = N
     return float(tensor)
 
 
+class WeightedEpochSampler(Sampler[int]):
+    """Rows drawn with replacement, P(row) proportional to ``weights (N,)``: N draws an epoch over all
+    ranks (N // world_size each). The draw depends on (seed, epoch) only: every rank makes the same one
+    and takes its strided share, so a resumed run and any world size see the same rows."""
+
+    def __init__(self, weights, seed: int = 0, rank: int = 0, world: int = 1):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights.ndim != 1 or len(self.weights) == 0 or not bool(torch.isfinite(self.weights).all()) \
+                or bool((self.weights < 0).any()) or float(self.weights.sum()) <= 0:
+            raise ValueError("sampling weights must be a non-empty 1-d array of finite, non-negative numbers "
+                             "with a positive sum")
+        self.seed, self.rank, self.world, self.epoch = seed, rank, world, 0
+        self.num_samples = max(1, len(self.weights) // world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        rows = torch.multinomial(self.weights, self.num_samples * self.world, replacement=True, generator=generator)
+        return iter(rows[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0,
-                num_workers: int = 0, drop_last: bool | None = None) -> DataLoader:
+                num_workers: int = 0, drop_last: bool | None = None, weights=None) -> DataLoader:
     """DataLoader with a DistributedSampler when distributed (call ``set_epoch`` via ``set_loader_epoch``).
 
     ``batch_size`` is per process. Training loaders shuffle with a seeded generator so a resumed
-    run sees the same order.
+    run sees the same order. ``weights (N,)`` (training only): rows drawn with replacement in
+    proportion to them (``WeightedEpochSampler``), on one process or many.
     """
-    if is_distributed():
+    if weights is not None:
+        if not train:
+            raise ValueError("sampling weights are for training loaders")
+        sampler = WeightedEpochSampler(weights, seed, rank(), world_size())
+        if len(sampler.weights) != len(dataset):
+            raise ValueError(f"{len(sampler.weights)} sampling weights for a dataset of {len(dataset)} rows")
+    elif is_distributed():
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=train)
     elif train:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
@@ -149,7 +182,7 @@ def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int = 0,
 def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0) -> None:
     """Make epoch ``epoch``'s shuffle depend only on (seed, epoch), for exact resume."""
     sampler = loader.sampler
-    if isinstance(sampler, DistributedSampler):
+    if isinstance(sampler, (DistributedSampler, WeightedEpochSampler)):
         sampler.set_epoch(epoch)
     elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
         sampler.generator.manual_seed(seed * 100003 + epoch)
