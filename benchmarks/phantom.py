@@ -541,11 +541,15 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     parser.add_argument("--no-train", action="store_true", help="only score runs that already exist")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (default 1)")
-    parser.add_argument("--swap-model", default="full", choices=list(TRAINED),
-                        help="the trained variant the ECG-swap test uses (default full)")
-    parser.add_argument("--sample-model", default="full", choices=list(TRAINED),
-                        help="the trained variant the sampler rows and ecg_regressor use (default full); "
-                             "rows of another model are named <row>@<model>, e.g. euler_2@seed_1")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                        help="also score this flow checkpoint as row NAME (repeatable), e.g. a flow trained on "
+                             "another config's data (configs/phantom_bench_2048.yaml); NAME may then be the "
+                             "--swap-model or --sample-model")
+    parser.add_argument("--swap-model", default="full",
+                        help="the trained variant (or --checkpoint NAME) the ECG-swap test uses (default full)")
+    parser.add_argument("--sample-model", default="full",
+                        help="the trained variant (or --checkpoint NAME) the sampler rows and ecg_regressor use "
+                             "(default full); rows of another model are named <row>@<model>, e.g. euler_2@seed_1")
     parser.add_argument("--fid-frames", type=int, default=10,
                         help="frames per video entering FID (evenly spaced; 0 = all 50)")
     parser.add_argument("--test-config", default="",
@@ -560,6 +564,17 @@ def main() -> None:
     # the test set keeps its own config: overrides (run_dir, data.root, ...) are the trained run's
     test_cfg = load_config(args.test_config) if args.test_config else None
     torch.manual_seed(cfg.seed)
+    given = {}
+    for item in args.checkpoint:
+        name, _, path = item.partition("=")
+        if not name or not path or name in {*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"}:
+            parser.error(f"--checkpoint {item!r}: give NAME=PATH with a NAME that is not a row of the bench")
+        if not Path(path).is_file():
+            parser.error(f"--checkpoint {item!r}: no file '{path}' (train_flow.py writes <run_dir>/flow/best.pt)")
+        given[name] = Path(path)
+    for flag, name in (("--swap-model", args.swap_model), ("--sample-model", args.sample_model)):
+        if name not in {*TRAINED, *given}:
+            parser.error(f"{flag} {name!r}: not a trained variant or a --checkpoint NAME")
     wanted = [w for w in args.only.split(",") if w] or [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"]
     unknown = [w for w in wanted if w not in {*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"}]
     if unknown:
@@ -571,6 +586,7 @@ def main() -> None:
     else:
         ckpts = train_variants(args.config, cfg, [n for n in TRAINED if n in {*trained, "full"}], args.overrides,
                                args.jobs)
+    ckpts.update(given)
     for name in ("full", args.swap_model, args.sample_model):
         ckpts.setdefault(name, variant_dir(cfg.run_path, name) / "flow" / "best.pt")
     out = cfg.run_path / ("bench" if test_cfg is None else f"bench_{test_cfg.name}")
@@ -598,7 +614,7 @@ def main() -> None:
             loaded[name] = ECGToCine.from_checkpoint(ckpts[name], device)
         return loaded[name]
 
-    for name in trained:
+    for name in [*trained, *given]:
         gen = model(name)
         cines, spv = generate_split(gen, ecg, scorer.ids, inf.sampler, inf.steps, inf.guidance, seed, batch)
         record(name, scorer.score(cines, spv))
@@ -632,7 +648,7 @@ def main() -> None:
     if "population_mean" in wanted:
         record("population_mean", scorer.population_mean())
     if "vae_reconstruction" in wanted:     # every variant without its own stage 2 shares the base run's VAE
-        vae_of = args.sample_model if not TRAINED[args.sample_model][1] else "full"
+        vae_of = "full" if TRAINED.get(args.sample_model, ((), ()))[1] else args.sample_model
         record("vae_reconstruction",
                scorer.score(vae_reconstruction(model(vae_of), scorer.prepared, scorer.test, batch), None))
     if "real_cine" in wanted:    # the real test cines themselves: the readout's own floor (no model needed)

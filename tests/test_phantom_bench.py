@@ -50,6 +50,20 @@ def test_unknown_variant_is_refused_by_name(bench, monkeypatch, capsys):
     assert "alpha_7" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint", "full=x.pt"], "not a row of the bench"),
+    (["--checkpoint", "big"], "give NAME=PATH"),
+    (["--checkpoint", "big=no/such/best.pt"], "no file 'no/such/best.pt'"),
+    (["--sample-model", "big"], "--sample-model 'big': not a trained variant"),
+])
+def test_a_bad_extra_checkpoint_or_model_is_refused_by_name(bench, monkeypatch, capsys, extra, message):
+    monkeypatch.setattr(sys, "argv", ["phantom.py", "--config", str(ROOT / "configs" / "demo.yaml"),
+                                      "--only", "population_mean", *extra])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err
+
+
 def test_every_training_variant_is_a_valid_config_of_the_bench(bench):
     from ecgflowcmr.config import load_config
 
