@@ -404,6 +404,21 @@ def test_segmenter_dice_on_phantom_like_masks():
     assert dice["LV"] > 0.85, dice
 
 
+def test_the_segmenter_is_cached_per_dataset_and_says_when_it_is_trained(fake_prepared, tmp_path):
+    from ecgflowcmr.data.datasets import Prepared
+
+    lines, cache = [], tmp_path / "bench" / "segmenter.pt"
+    model, info = functional.segmenter_for(Prepared(fake_prepared), cache, steps=2, log=lines.append)
+    assert not info["cached"] and cache.is_file()
+    assert lines[0].startswith("training the LV segmenter on 8 train subjects (2 steps)")
+    assert lines[-1].startswith("LV segmenter trained in") and "val Dice: LV " in lines[-1]
+    assert lines[-1].endswith(f"saved to {cache}")
+    again, info = functional.segmenter_for(Prepared(fake_prepared), cache, steps=2, log=lines.append)
+    assert info["cached"] and len(lines) == 2                 # loaded, not retrained
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+
+
 def test_curve_metrics_closed_forms():
     t = np.arange(50)
     ref = 1000 - 400 * np.sin(np.pi * np.clip(t / 20, 0, 1)) ** 2 * (t < 20) - 400 * (t >= 20) * np.exp(-(t - 20) / 8.0)

@@ -215,6 +215,10 @@ def segmenter_for(prepared, cache_path: str | Path | None, steps: int = 400, see
         torch.save({"model": fit.model.state_dict(), "config": fit.model.config, "fingerprint": fingerprint,
                     "steps": steps, "version": SEGMENTER_VERSION, "info": json.dumps(info)}, tmp)
         tmp.replace(cache_path)
+    if log:
+        dice = ", ".join(f"{k} {float(v):.3f}" for k, v in info["dice"].items()) or "not validated"
+        log(f"LV segmenter trained in {fit.seconds:.0f} s ({val_split} Dice: {dice})"
+            + (f"; saved to {cache_path}" if cache_path is not None else ""))
     return fit.model, dict(info, cached=False)
 
 
