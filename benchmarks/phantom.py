@@ -564,10 +564,11 @@ def main() -> None:
     # the test set keeps its own config: overrides (run_dir, data.root, ...) are the trained run's
     test_cfg = load_config(args.test_config) if args.test_config else None
     torch.manual_seed(cfg.seed)
+    rows_of_bench = [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"]
     given = {}
     for item in args.checkpoint:
         name, _, path = item.partition("=")
-        if not name or not path or name in {*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"}:
+        if not name or not path or name in rows_of_bench:
             parser.error(f"--checkpoint {item!r}: give NAME=PATH with a NAME that is not a row of the bench")
         if not Path(path).is_file():
             parser.error(f"--checkpoint {item!r}: no file '{path}' (train_flow.py writes <run_dir>/flow/best.pt)")
@@ -575,8 +576,8 @@ def main() -> None:
     for flag, name in (("--swap-model", args.swap_model), ("--sample-model", args.sample_model)):
         if name not in {*TRAINED, *given}:
             parser.error(f"{flag} {name!r}: not a trained variant or a --checkpoint NAME")
-    wanted = [w for w in args.only.split(",") if w] or [*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"]
-    unknown = [w for w in wanted if w not in {*TRAINED, *SAMPLED, *BASELINES, *CEILINGS, "faithfulness"}]
+    wanted = [w for w in args.only.split(",") if w] or rows_of_bench
+    unknown = [w for w in wanted if w not in rows_of_bench]
     if unknown:
         parser.error(f"unknown variants {unknown}")
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

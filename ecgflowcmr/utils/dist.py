@@ -126,6 +126,11 @@ def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = N
     return float(tensor)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s draw of training rows: a function of (seed, epoch) alone."""
+    return seed * 100003 + epoch
+
+
 class WeightedEpochSampler(Sampler[int]):
     """Rows drawn with replacement, P(row) proportional to ``weights (N,)``: N draws an epoch over all
     ranks (N // world_size each). The draw depends on (seed, epoch) only: every rank makes the same one
@@ -144,7 +149,7 @@ class WeightedEpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         rows = torch.multinomial(self.weights, self.num_samples * self.world, replacement=True, generator=generator)
         return iter(rows[self.rank::self.world].tolist())
 
@@ -185,4 +190,4 @@ def set_loader_epoch(loader: DataLoader, epoch: int, seed: int = 0) -> None:
     if isinstance(sampler, (DistributedSampler, WeightedEpochSampler)):
         sampler.set_epoch(epoch)
     elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
-        sampler.generator.manual_seed(seed * 100003 + epoch)
+        sampler.generator.manual_seed(epoch_seed(seed, epoch))
